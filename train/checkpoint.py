@@ -1,0 +1,131 @@
+"""Orbax checkpoints holding only what is trained, the optimizer state, the step and data position.
+
+Layout: ``<output_dir>/checkpoints/<step>/`` written by an orbax ``CheckpointManager``, which
+writes into a temporary directory and renames it when complete, so a crash mid-save leaves no
+directory that :func:`latest_step` (and so a resume) would pick up.
+
+For SIFT only the selected values of each sparse tensor are stored (O(k)), next to the
+optimizer state that holds their indices; dense-trained tensors are stored whole. Frozen
+weights are never stored: a resume rebuilds them from the base model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+import sift_jax
+from train.methods import flatten_paths, unflatten_paths
+
+
+def _leaves_dict(tree: Any) -> dict[str, Any]:
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def compact_trained(method, trainable: Any, opt_state: Any) -> dict[str, Any]:
+    """What a checkpoint stores of ``trainable``: SIFT sparse tensors as their k selected values."""
+    if method.name != "sift":
+        return trainable
+    idx = flatten_paths(sift_jax.selected_indices(opt_state))
+    out = {}
+    for path, x in flatten_paths(trainable).items():
+        i = idx.get(path)
+        out[path] = x if i is None else x.reshape(-1)[i]
+    return unflatten_paths(out)
+
+
+def expand_trained(method, stored: Any, base_trainable: Any, opt_state: Any) -> Any:
+    """Inverse of :func:`compact_trained`, given the base (pretrained) values."""
+    if method.name != "sift":
+        return stored
+    idx = flatten_paths(sift_jax.selected_indices(opt_state))
+    stored_flat = flatten_paths(stored)
+    out = {}
+    for path, base in flatten_paths(base_trainable).items():
+        i = idx.get(path)
+        v = stored_flat[path]
+        out[path] = v if i is None else base.reshape(-1).at[i].set(v).reshape(base.shape)
+    return unflatten_paths(out)
+
+
+class Checkpointer:
+    """Saves and restores training state under ``<output_dir>/checkpoints``."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, method, trainable, opt_state, rng, meta: dict) -> None:
+        payload = {
+            "trained": compact_trained(method, trainable, opt_state),
+            "opt_state": _leaves_dict(opt_state),
+            "rng": rng,
+        }
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(payload), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, method, trainable_base, opt_state_template, rng_template):
+        """Returns ``(trainable, opt_state, rng, meta)`` restored at ``step``."""
+        leaves, treedef = jax.tree.flatten(opt_state_template)
+        abstract_opt = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
+        # The stored trainable tree's shapes depend on the indices; restore opt state first.
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+        tmp = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(
+                    {
+                        "opt_state": abstract_opt,
+                        "rng": _abstract(rng_template),
+                        "trained": self._abstract_trained(
+                            method, trainable_base, opt_state_template
+                        ),
+                    }
+                )
+            ),
+        )["state"]
+        opt_state = jax.tree.unflatten(treedef, [tmp["opt_state"][k] for k in sorted(abstract_opt)])
+        trainable = expand_trained(method, tmp["trained"], trainable_base, opt_state)
+        return trainable, opt_state, tmp["rng"], meta
+
+    @staticmethod
+    def _abstract_trained(method, trainable_base, opt_state):
+        shapes = jax.eval_shape(
+            lambda t, s: compact_trained(method, t, s), trainable_base, opt_state
+        )
+        base = flatten_paths(trainable_base)
+        idx = flatten_paths(sift_jax.selected_indices(opt_state)) if method.name == "sift" else {}
+        out = {}
+        for path, sds in flatten_paths(shapes).items():
+            like = base[path] if idx.get(path) is None else idx[path]
+            out[path] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=like.sharding)
+        return unflatten_paths(out)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(x):
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

@@ -1,0 +1,242 @@
+"""Fine-tuning methods over a pure-dict parameter tree: ``full``, ``sift`` and ``lora``.
+
+A method splits the model's params into what is *trained* (given to ``jax.grad`` and the
+optimizer) and what is *frozen* (an input of the step, never differentiated), and knows how to
+put them back together for the forward pass and for export.
+
+* ``full``: everything trains with AdamW.
+* ``sift``: the tensors matched by ``sparse_module`` (and the dense ``sparse_exception`` ones)
+  are trained, through :func:`sift_jax.sparse_increment` in compact mode, so the optimizer state
+  is O(k); everything else is frozen and gets no gradient at all.
+* ``lora``: low-rank adapters ``W + (alpha / r) A B`` on the ``lora_targets`` kernels, plus the
+  dense ``lora_exception`` tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sift_jax
+from sift_jax._src.paths import path_to_str
+
+Params = dict[str, Any]
+
+
+def flatten_paths(tree: Params) -> dict[str, Any]:
+    """``{path: leaf}`` with ``/``-joined paths.
+
+    Example:
+        >>> flatten_paths({"a": {"b": 1}})
+        {'a/b': 1}
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_to_str(p): x for p, x in flat}
+
+
+def unflatten_paths(flat: dict[str, Any]) -> Params:
+    """Inverse of :func:`flatten_paths` for nested dicts.
+
+    Example:
+        >>> unflatten_paths({"a/b": 1, "a/c": 2})
+        {'a': {'b': 1, 'c': 2}}
+    """
+    out: dict[str, Any] = {}
+    for path, x in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = x
+    return out
+
+
+def _matches(patterns: list[str], path: str) -> bool:
+    return any(re.search(p, path) for p in patterns)
+
+
+def decay_mask(tree: Any) -> Any:
+    """AdamW decay mask: no decay on biases, LayerNorm/RMSNorm scales and embeddings' norms.
+
+    Example:
+        >>> decay_mask({"dense": {"kernel": 1.0, "bias": 0.0}, "LayerNorm": {"scale": 1.0}})
+        {'LayerNorm': {'scale': False}, 'dense': {'bias': False, 'kernel': True}}
+    """
+
+    def keep(path, _):
+        p = path_to_str(path).lower()
+        return not (p.endswith("bias") or "norm" in p or p.endswith("scale"))
+
+    return jax.tree_util.tree_map_with_path(keep, tree)
+
+
+def make_schedule(lr: float, total_steps: int, warmup_ratio: float, kind: str = "linear"):
+    """Linear warmup then linear decay to 0 (HF's default), or warmup then constant.
+
+    Example:
+        >>> s = make_schedule(1.0, 100, 0.1)
+        >>> float(s(0)), float(s(10)), float(s(100))
+        (0.0, 1.0, 0.0)
+    """
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+    if kind == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+            [warmup],
+        )
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, lr, max(warmup, 1)),
+            optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1)),
+        ],
+        [warmup],
+    )
+
+
+def adamw(cfg, schedule) -> optax.GradientTransformation:
+    """Clip + AdamW with HF's decay mask, as configured by ``cfg``."""
+    parts = []
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=cfg.adam_beta1,
+            b2=cfg.adam_beta2,
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+@dataclass
+class Method:
+    """A fine-tuning method: how params split into trained/frozen parts and recombine.
+
+    Attributes:
+        name: ``full`` | ``sift`` | ``lora``.
+        trainable: the tree given to ``jax.grad`` and the optimizer.
+        frozen: the tree passed to the step but never differentiated.
+        combine: ``(trainable, frozen) -> params`` used inside the loss.
+        optimizer: the optax transformation over ``trainable``.
+        num_trainable: callable ``opt_state -> int``: trained parameter count.
+    """
+
+    name: str
+    trainable: Params
+    frozen: Params
+    combine: Callable[[Params, Params], Params]
+    optimizer: optax.GradientTransformation
+    num_trainable: Callable[[Any], int]
+
+
+def _split(params: Params, is_trained: Callable[[str], bool]) -> tuple[Params, Params]:
+    flat = flatten_paths(params)
+    tr = {p: x for p, x in flat.items() if is_trained(p)}
+    fr = {p: x for p, x in flat.items() if not is_trained(p)}
+    return unflatten_paths(tr), unflatten_paths(fr)
+
+
+def _merge_trees(a: Params, b: Params) -> Params:
+    flat = flatten_paths(b)
+    flat.update(flatten_paths(a))
+    return unflatten_paths(flat)
+
+
+def _check_matches(params: Params, patterns: list[str], flag: str) -> None:
+    paths = list(flatten_paths(params))
+    for pat in patterns:
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"{flag}: invalid regular expression {pat!r}: {e}") from e
+        if not any(rx.search(p) for p in paths):
+            sample = ", ".join(paths[:6])
+            raise ValueError(
+                f"{flag} pattern {pat!r} matches no parameter. Parameter paths look like: "
+                f"{sample}, ..."
+            )
+
+
+def full_method(params: Params, cfg, schedule) -> Method:
+    n = sum(x.size for x in jax.tree.leaves(params))
+    return Method("full", params, {}, lambda t, f: t, adamw(cfg, schedule), lambda s: n)
+
+
+def sift_method(params: Params, cfg, schedule) -> Method:
+    """SIFT: sparse increments on ``sparse_module`` tensors, ``sparse_exception`` dense."""
+    _check_matches(params, cfg.sparse_module, "--sparse_module")
+    if cfg.sparse_exception:
+        _check_matches(params, cfg.sparse_exception, "--sparse_exception")
+    is_trained = lambda p: _matches(cfg.sparse_module + cfg.sparse_exception, p)
+    trainable, frozen = _split(params, is_trained)
+    opt = sift_jax.sparse_increment(
+        cfg.sparse_rate,
+        adamw(cfg, schedule),
+        sparse=cfg.sparse_module,
+        dense=cfg.sparse_exception or None,
+        selection=cfg.selection,
+        selection_steps=cfg.selection_steps,
+        update_on_selection=cfg.update_on_selection,
+        seed=cfg.seed,
+    )
+    roles = sift_jax.leaf_roles(trainable, cfg.sparse_module, cfg.sparse_exception or None)
+    leaves = jax.tree.leaves(trainable)
+
+    def count(opt_state):
+        idx = jax.tree.leaves(sift_jax.selected_indices(opt_state))
+        dense = sum(x.size for x, r in zip(leaves, roles, strict=True) if r == "dense")
+        return int(sum(i.size for i in idx) + dense)
+
+    return Method("sift", trainable, frozen, _merge_trees, opt, count)
+
+
+def lora_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
+    """LoRA adapters ``W + (alpha/r) A @ B`` on ``lora_targets`` kernels (B starts at zero)."""
+    _check_matches(params, cfg.lora_targets, "--lora_targets")
+    flat = flatten_paths(params)
+    r, scale = cfg.lora_rank, cfg.lora_alpha / cfg.lora_rank
+    adapters, dense = {}, {}
+    keys = iter(jax.random.split(rng, len(flat)))
+    for path, w in flat.items():
+        if _matches(cfg.lora_exception, path):
+            dense[path] = w
+        elif _matches(cfg.lora_targets, path) and w.ndim >= 2 and path.endswith("kernel"):
+            d_in, d_out = w.shape[0], math.prod(w.shape[1:])
+            a = jax.random.normal(next(keys), (d_in, r), jnp.float32) / math.sqrt(d_in)
+            adapters[path] = {"lora_a": a.astype(w.dtype), "lora_b": jnp.zeros((r, d_out), w.dtype)}
+    if not adapters:
+        raise ValueError("--lora_targets matched no kernel with >= 2 dims.")
+    trainable = {"adapters": adapters, "dense": unflatten_paths(dense)}
+
+    def combine(t, frozen):
+        out = flatten_paths(frozen)
+        out.update(flatten_paths(t["dense"]))
+        for path, ab in t["adapters"].items():
+            w = out[path]
+            delta = (ab["lora_a"] @ ab["lora_b"]) * scale
+            out[path] = w + delta.reshape(w.shape).astype(w.dtype)
+        return unflatten_paths(out)
+
+    n = sum(x.size for x in jax.tree.leaves(trainable))
+    return Method("lora", trainable, params, combine, adamw(cfg, schedule), lambda s: n)
+
+
+def build_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
+    """Builds the method named by ``cfg.finetuning_type``."""
+    if cfg.finetuning_type == "full":
+        return full_method(params, cfg, schedule)
+    if cfg.finetuning_type == "sift":
+        return sift_method(params, cfg, schedule)
+    if cfg.finetuning_type == "lora":
+        return lora_method(params, cfg, schedule, rng)
+    raise ValueError(f"Unknown --finetuning_type {cfg.finetuning_type!r}: use sift, full or lora.")

@@ -1,0 +1,351 @@
+"""The training loop shared by ``train.glue`` and ``train.instruct``.
+
+A :class:`Task` says how to batch data, run the model and score it; :func:`train` does the
+rest: method setup (full / SIFT / LoRA), a jitted train step with donated state and in-step
+gradient accumulation, sharding over a device mesh, evaluation, JSONL logging, a progress bar,
+orbax checkpoints with exact resume, and the final results files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpointer
+from train.methods import Method, build_method, make_schedule
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class Task:
+    """What the trainer needs to know about a task.
+
+    Attributes:
+        apply_fn: ``(params, batch, rng, train) -> outputs`` (jit-traceable).
+        loss_fn: ``(outputs, batch) -> scalar`` mean loss of the batch.
+        train_size: number of training examples.
+        train_batches: ``(epoch, start, batch_size) -> iterator of global batches``: the
+            epoch's batches in a fixed, seeded order, starting at batch number ``start``.
+        eval_sets: ``{name: (batch_size) -> iterator of batches}``; eval batches carry an
+            ``example_mask`` (0 for padding rows).
+        metrics_fn: ``(name, outputs, batches) -> dict`` from the host-side outputs.
+        eval_outputs: ``(outputs, batch) -> array`` what evaluation keeps per example.
+        export_fn: ``(params, out_dir) -> None`` writes the merged model, or ``None``.
+    """
+
+    apply_fn: Callable
+    loss_fn: Callable
+    train_size: int
+    train_batches: Callable[[int, int, int], Iterator[Batch]]
+    eval_sets: dict[str, Callable[[int], Iterator[Batch]]] = field(default_factory=dict)
+    metrics_fn: Callable[[str, np.ndarray, list[Batch]], dict] | None = None
+    eval_outputs: Callable | None = None
+    export_fn: Callable | None = None
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (also written to ``all_results.json``)."""
+
+    metrics: dict[str, Any]
+    losses: list[float]
+    params: Any
+    method: Method
+    opt_state: Any
+
+
+def print_trainable(num_trainable: int, num_all: int) -> str:
+    """The reference implementation's line.
+
+    Example:
+        >>> print_trainable(5, 100)
+        trainable params: 5 || all params: 100 || trainable%: 5.0000
+        'trainable params: 5 || all params: 100 || trainable%: 5.0000'
+    """
+    line = (
+        f"trainable params: {num_trainable} || all params: {num_all} || "
+        f"trainable%: {100 * num_trainable / num_all:.4f}"
+    )
+    print(line)
+    return line
+
+
+def _check_output_dir(cfg) -> Path:
+    out = Path(cfg.output_dir)
+    if (
+        out.exists()
+        and any(out.iterdir())
+        and not cfg.overwrite_output_dir
+        and not (cfg.resume_from_checkpoint)
+    ):
+        raise ValueError(
+            f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir to write "
+            "into it or --resume_from_checkpoint latest to continue the run saved there."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def plan_steps(cfg, train_size: int, global_batch: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)`` in optimizer steps (last partial batch dropped)."""
+    steps_per_epoch = train_size // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"The training set has {train_size} examples, fewer than one optimizer batch of "
+            f"{global_batch} (per-device batch x devices x accumulation); lower the batch size."
+        )
+    if cfg.max_steps and cfg.max_steps > 0:
+        return steps_per_epoch, int(cfg.max_steps)
+    return steps_per_epoch, int(math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+
+def make_train_step(method: Method, task: Task, accum: int):
+    """The jitted optimizer step: grads over ``accum`` micro-batches, then one update."""
+    opt = method.optimizer
+
+    def loss_of(trainable, frozen, batch, rng):
+        params = method.combine(trainable, frozen)
+        return task.loss_fn(task.apply_fn(params, batch, rng, True), batch)
+
+    grad_fn = jax.value_and_grad(loss_of)
+
+    def step(trainable, opt_state, frozen, batch, rng):
+        if accum == 1:
+            loss, grads = grad_fn(trainable, frozen, batch, rng)
+        else:
+            rngs = jax.random.split(rng, accum)
+
+            def micro(carry, xs):
+                mb, r = xs
+                loss_i, g = grad_fn(trainable, frozen, mb, r)
+                return (jax.tree.map(jnp.add, carry[0], g), carry[1] + loss_i), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, 0.0), (batch, rngs))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss = loss / accum
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def evaluate(method: Method, task: Task, trainable, frozen, cfg, mesh, eval_fn=None):
+    """Runs every eval set and returns HF-style ``eval_*`` metrics."""
+    eval_fn = eval_fn or make_eval_fn(method, task)
+    bs = cfg.per_device_eval_batch_size * mesh_lib.batch_divisor(mesh)
+    metrics: dict[str, float] = {}
+    for name, batches_fn in task.eval_sets.items():
+        outs, kept = [], []
+        for batch in batches_fn(bs):
+            dev = mesh_lib.put_batch(batch, mesh)
+            out = eval_fn(trainable, frozen, dev)
+            out = np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))
+            mask = batch["example_mask"].astype(bool)
+            outs.append(out[mask])
+            kept.append({k: v[mask] for k, v in batch.items()})
+        metrics.update(task.metrics_fn(name, np.concatenate(outs), kept))
+    return metrics
+
+
+def make_eval_fn(method: Method, task: Task):
+    """The jitted forward used by :func:`evaluate` (build once, reuse every evaluation)."""
+
+    def run(trainable, frozen, batch):
+        params = method.combine(trainable, frozen)
+        out = task.apply_fn(params, batch, jax.random.key(0), False)
+        return task.eval_outputs(out, batch) if task.eval_outputs else out
+
+    return jax.jit(run)
+
+
+def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None = None):
+    """Fine-tunes ``params`` on ``task`` as configured by ``cfg``.
+
+    Args:
+        cfg: a :class:`train.config.TrainConfig`.
+        task: the :class:`Task`.
+        params: the pretrained model's params as a nested dict of arrays.
+        mesh: a ``jax.sharding.Mesh`` (default: from ``cfg.mesh``).
+        place_params: ``(params, mesh) -> params`` puts params on devices with their
+            shardings (default: replicate).
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    import jax.experimental.multihost_utils  # noqa: F401  (eval gathering)
+
+    mesh = mesh if mesh is not None else mesh_lib.parse_mesh(cfg.mesh)
+    out_dir = _check_output_dir(cfg)
+    divisor = mesh_lib.batch_divisor(mesh)
+    per_step = cfg.per_device_train_batch_size * divisor
+    global_batch = per_step * cfg.gradient_accumulation_steps
+    steps_per_epoch, total_steps = plan_steps(cfg, task.train_size, global_batch)
+    schedule = make_schedule(
+        cfg.learning_rate, total_steps, cfg.warmup_ratio, cfg.lr_scheduler_type
+    )
+
+    if place_params is None:
+        params = jax.device_put(params, mesh_lib.replicated(mesh))
+    else:
+        params = place_params(params, mesh)
+    root = jax.random.key(cfg.seed)
+    method = build_method(params, cfg, schedule, jax.random.fold_in(root, 1))
+    # Copy what trains: the step donates it, and the caller's arrays must survive.
+    trainable, frozen = jax.tree.map(jnp.copy, method.trainable), method.frozen
+    opt_state = jax.jit(method.optimizer.init)(trainable)
+    num_all = sum(x.size for x in jax.tree.leaves(params))
+    del params
+
+    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.save_total_limit)
+    start_step, rng = 0, jax.random.fold_in(root, 2)
+    log_path = out_dir / "train_log.jsonl"
+    if cfg.resume_from_checkpoint:
+        step = (
+            ckpt.latest_step()
+            if cfg.resume_from_checkpoint == "latest"
+            else int(Path(cfg.resume_from_checkpoint).name)
+        )
+        if step is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {ckpt.directory}.")
+        trainable, opt_state, rng, meta = ckpt.restore(step, method, trainable, opt_state, rng)
+        start_step = int(meta["step"])
+        print(f"Resumed from checkpoint step {start_step} (epoch {meta['epoch']}).")
+        _truncate_log(log_path, start_step)
+    elif log_path.exists():
+        log_path.unlink()
+
+    step_fn = make_train_step(method, task, cfg.gradient_accumulation_steps)
+    eval_fn = make_eval_fn(method, task)
+    accum = cfg.gradient_accumulation_steps
+    print(
+        f"Fine-tuning ({method.name}) for {total_steps} steps: {task.train_size} examples, "
+        f"{steps_per_epoch} steps/epoch, batch {global_batch} = {cfg.per_device_train_batch_size}"
+        f" x {divisor} devices x {accum} accumulation; mesh {dict(mesh.shape)}."
+    )
+    losses: list[float] = []
+    metrics: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, disable=cfg.disable_tqdm, dynamic_ncols=True)
+    printed_trainable = False
+    step = start_step
+    with open(log_path, "a") as log:
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            for batch in task.train_batches(epoch, offset, global_batch):
+                if accum > 1:
+                    batch = {k: v.reshape(accum, per_step, *v.shape[1:]) for k, v in batch.items()}
+                dev = mesh_lib.put_batch(batch, mesh, leading=1 if accum > 1 else 0)
+                t0 = time.perf_counter()
+                trainable, opt_state, m = step_fn(
+                    trainable, opt_state, frozen, dev, jax.random.fold_in(rng, step)
+                )
+                step += 1
+                loss = float(m["loss"])
+                losses.append(loss)
+                if not printed_trainable:
+                    print_trainable(method.num_trainable(opt_state), num_all)
+                    printed_trainable = True
+                lr = float(schedule(step - 1))
+                dt = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{global_batch / dt:.1f}")
+                bar.update(1)
+                if step % cfg.logging_steps == 0 or step == total_steps:
+                    rec = {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "loss": loss,
+                        "learning_rate": lr,
+                        "grad_norm": float(m["grad_norm"]),
+                    }
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                end_of_epoch = step % steps_per_epoch == 0
+                do_eval = task.eval_sets and (
+                    (cfg.eval_strategy == "epoch" and end_of_epoch)
+                    or (cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0)
+                )
+                if do_eval:
+                    metrics = evaluate(method, task, trainable, frozen, cfg, mesh, eval_fn)
+                    metrics["epoch"] = step / steps_per_epoch
+                    rec = {"step": step, **metrics}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    tqdm.write(
+                        f"step {step}: "
+                        + ", ".join(
+                            f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)
+                        )
+                    )
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                    ckpt.save(
+                        step,
+                        method,
+                        trainable,
+                        opt_state,
+                        rng,
+                        {"step": step, "epoch": step / steps_per_epoch},
+                    )
+                if step >= total_steps or end_of_epoch:
+                    break
+    bar.close()
+    runtime = time.perf_counter() - t_start
+    if (
+        cfg.eval_strategy != "no"
+        and task.eval_sets
+        and metrics.get("epoch") != step / steps_per_epoch
+    ):
+        metrics = evaluate(method, task, trainable, frozen, cfg, mesh, eval_fn)
+        metrics["epoch"] = step / steps_per_epoch
+    ckpt.save(
+        step, method, trainable, opt_state, rng, {"step": step, "epoch": step / steps_per_epoch}
+    )
+    ckpt.close()
+    steps_run = step - start_step
+    results = {
+        **metrics,
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_runtime": runtime,
+        "train_samples_per_second": steps_run * global_batch / max(runtime, 1e-9),
+        "train_steps": step,
+        "trainable_params": method.num_trainable(opt_state),
+        "all_params": num_all,
+        "finetuning_type": method.name,
+    }
+    if jax.process_index() == 0:
+        _write_json(out_dir / "eval_results.json", {k: v for k, v in metrics.items()})
+        _write_json(out_dir / "all_results.json", results)
+        _write_json(out_dir / "train_config.json", asdict(cfg))
+    params = method.combine(trainable, frozen)
+    return TrainResult(results, losses, params, method, opt_state)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops log lines written after ``step`` by the run being resumed."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
