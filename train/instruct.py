@@ -1,0 +1,431 @@
+"""``python -m train.instruct``: SIFT instruction tuning of a LLaMA-family decoder.
+
+The paper's second experiment (Alpaca -> Llama, SIFT rate 0.05 on the q/k/v/o/gate/up/down
+projections, nothing dense, AdamW lr 2e-4, warmup 0.03), on the trainer shared with
+``train.glue``: same flags (:class:`InstructConfig` extends :class:`train.config.TrainConfig`),
+same methods (``--finetuning_type sift | full | lora``), checkpoints and resume.
+
+Data: ``--data_path`` Alpaca-format (``instruction``/``input``/``output``) or chat-format
+(``messages``) JSON/JSONL, loss on response tokens only (:mod:`train.instruct_data`). With no
+``--data_path`` the run is the offline demo: an instruction set built from the packaged
+movie-review sentences ("Classify the sentiment of this movie review as positive or
+negative." -> ``positive`` / ``negative``), scored before and after tuning by comparing the
+next-token logits of the two answers after the prompt. ``--mmlu_dir`` adds an MMLU evaluation
+(:mod:`train.mmlu`) before and after. With SIFT the learned increments are saved as
+``<output_dir>/sift_delta.safetensors`` for ``python -m train.generate --delta``.
+
+Example:
+    python -m train.instruct                                  # offline demo, SmolLM2-135M
+    python -m train.instruct --data_path alpaca_data.json --mmlu_dir data/mmlu \\
+        --num_train_epochs 3 --per_device_train_batch_size 4 --gradient_accumulation_steps 32 \\
+        --model_max_length 512 --output_dir outputs/alpaca
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import instruct_data as idata
+from train.config import TrainConfig, _f, parse_args
+from train.generate import DecoderModel, load_decoder
+from train.trainer import Task, train
+
+PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
+REVIEW_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
+REVIEW_ANSWERS = ("negative", "positive")  # label 0, label 1
+
+
+@dataclass
+class InstructConfig(TrainConfig):
+    """Trainer flags with instruction-tuning defaults (the paper's Llama recipe) and extras."""
+
+    model_name_or_path: str = _f(
+        "embedded:smollm2",
+        "'embedded:smollm2' (packaged SmolLM2-135M-Instruct GGUF), a .gguf file, or a local HF "
+        "LLaMA-family directory.",
+    )
+    task_name: str = _f("instruct", "Run name recorded in the results.")
+    data_path: list[str] = _f(
+        [],
+        "Alpaca/chat JSON or JSONL file(s), or a hub dataset name (needs internet). "
+        "Empty: the embedded review-sentiment instruction set.",
+    )
+    eval_data_path: list[str] = _f(
+        [], "Held-out instruction file(s) (default: --val_set_size examples split off)."
+    )
+    val_set_size: int = _f(200, "Examples held out of the training data for evaluation.")
+    model_max_length: int = _f(96, "Sequences are right-truncated to this many tokens.")
+    prompt_template: str = _f(
+        "chat",
+        "How Alpaca records are rendered: chat (the tokenizer's chat template), alpaca (the "
+        "Stanford Alpaca prompt) or plain. Chat records always use the chat template.",
+        choices=list(idata.TEMPLATES),
+    )
+    packing: bool = _f(False, "Pack several examples into each row (segment-masked attention).")
+    mmlu_dir: str | None = _f(None, "MMLU directory (dev/, test/ CSVs): evaluate before/after.")
+    mmlu_k_shot: int = _f(0, "MMLU shots (0 = zero-shot, as in the paper).")
+    mmlu_max_questions_per_subject: int | None = _f(None, "Cap MMLU questions per subject.")
+    mmlu_before: bool = _f(True, "Also evaluate MMLU on the base model before tuning.")
+    save_delta: bool = _f(True, "SIFT: save the increments as sift_delta.safetensors.")
+    dtype: str = _f(
+        "float32", "Parameter dtype: float32 | bfloat16.", choices=["float32", "bfloat16"]
+    )
+    # --- the paper's Llama recipe (sparse on all projections, nothing dense)
+    sparse_rate: float = _f(0.05, "SIFT: fraction of each targeted tensor that trains.")
+    sparse_module: list[str] = _f(
+        [PROJECTIONS], "SIFT: regexes of tensors with sparse increments (q/k/v/o/gate/up/down)."
+    )
+    sparse_exception: list[str] = _f([], "SIFT: regexes of tensors trained densely (none).")
+    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.03, "Linear warmup fraction, then linear decay.")
+    num_train_epochs: float = _f(1.0, "Epochs (the paper: 3 on Alpaca).")
+    per_device_train_batch_size: int = _f(8, "Training sequences per device per step.")
+    per_device_eval_batch_size: int = _f(16, "Evaluation sequences per device.")
+    max_train_samples: int | None = _f(320, "Keep only the first N training examples.")
+    max_eval_samples: int | None = _f(None, "Keep only the first N evaluation examples.")
+    lora_targets: list[str] = _f([r"(q|v)_proj"], "LoRA: regexes of kernels with adapters.")
+    lora_exception: list[str] = _f([], "LoRA: regexes of tensors trained densely.")
+    output_dir: str = _f("outputs/instruct", "Where results, logs, checkpoints and the delta go.")
+    logging_steps: int = _f(5, "Write a JSONL log line every N steps.")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def review_records(max_examples: int | None = None, seed: int = 0) -> tuple[list[dict], list[int]]:
+    """The packaged review sentences as sentiment instructions, shuffled, and their labels.
+
+    Example:
+        >>> recs, labels = review_records(4)  # doctest: +SKIP
+        >>> recs[0]["instruction"]  # doctest: +SKIP
+        'Classify the sentiment of this movie review as positive or negative.'
+    """
+    from train.data import mr
+
+    sentences, labels = mr.load_sentences()
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    if max_examples is not None:
+        order = order[:max_examples]
+    recs = [make_review_record(sentences[i], int(labels[i])) for i in order]
+    return recs, [int(labels[i]) for i in order]
+
+
+def make_review_record(sentence: str, label: int) -> dict:
+    """One review as an Alpaca record.
+
+    Example:
+        >>> make_review_record("A gem.", 1)["output"]
+        'positive'
+    """
+    return {
+        "instruction": REVIEW_INSTRUCTION,
+        "input": f"Review: {sentence}",
+        "output": REVIEW_ANSWERS[label],
+    }
+
+
+def answer_token_ids(tokenizer, template: str) -> tuple[int, int]:
+    """First response token of ``negative`` and ``positive`` as training encodes them.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained("tests/fixtures/instruct/tokenizer")
+        >>> n, p = answer_token_ids(tok, "chat"); tok.decode([n]), tok.decode([p])
+        ('neg', 'p')
+    """
+    ids = []
+    for ans in REVIEW_ANSWERS:
+        x, la = idata.encode_record(
+            tokenizer, make_review_record("x", REVIEW_ANSWERS.index(ans)), template
+        )
+        ids.append(next(t for t in la if t != idata.IGNORE_INDEX))
+    if ids[0] == ids[1]:
+        raise ValueError("'negative' and 'positive' start with the same token; cannot score.")
+    return ids[0], ids[1]
+
+
+@dataclass
+class ClassificationSet:
+    """Prompts (right-padded) to score by the answer tokens' logits at the last prompt token."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    last_index: np.ndarray
+    labels: np.ndarray
+
+    def batches(self, bs: int):
+        n = len(self.labels)
+        for s in range(0, n, bs):
+            idx = np.arange(s, min(s + bs, n))
+            pad = bs - len(idx)
+            take = lambda a: np.concatenate([a[idx], np.repeat(a[:1], pad, 0)])  # noqa: B023
+            yield {
+                "input_ids": take(self.input_ids),
+                "attention_mask": take(self.attention_mask),
+                "last_index": take(self.last_index),
+                "label": take(self.labels),
+                "example_mask": np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(np.int32),
+            }
+
+
+def classification_set(
+    tokenizer, records: Sequence[dict], labels: Sequence[int], template: str, max_length: int
+) -> ClassificationSet:
+    """Encodes each record's prompt exactly as training does (everything before the response)."""
+    prompts = []
+    for r in records:
+        ids, la = idata.encode_record(tokenizer, r, template)
+        first = next(i for i, t in enumerate(la) if t != idata.IGNORE_INDEX)
+        prompts.append(ids[:first][-max_length:])
+    width = -(-max(len(p) for p in prompts) // 8) * 8
+    pad = idata.pad_token_id(tokenizer)
+    ids = np.full((len(prompts), width), pad, np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+        mask[i, : len(p)] = 1
+    return ClassificationSet(ids, mask, mask.sum(1) - 1, np.asarray(labels, np.int32))
+
+
+def score_classification(model: DecoderModel, params, cset: ClassificationSet, answer_ids, bs: int):
+    """Accuracy of ``argmax(logit[positive], logit[negative])`` at the last prompt token."""
+
+    @jax.jit
+    def margins(params, batch):
+        logits = model.apply_fn(params, batch["input_ids"], batch["attention_mask"])
+        last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+        return last[:, answer_ids[1]] - last[:, answer_ids[0]]
+
+    preds, labels = [], []
+    for b in cset.batches(bs):
+        keep = b["example_mask"].astype(bool)
+        m = np.asarray(margins(params, {k: jnp.asarray(v) for k, v in b.items()}))
+        preds.append((m[keep] > 0).astype(int))
+        labels.append(b["label"][keep])
+    p, y = np.concatenate(preds), np.concatenate(labels)
+    return float((p == y).mean())
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def _model_kwargs(batch, packing: bool) -> dict:
+    if packing:
+        return {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
+    return {}
+
+
+def build_task(
+    model: DecoderModel,
+    cfg: InstructConfig,
+    train_arrays: idata.InstructArrays,
+    eval_arrays: idata.InstructArrays | None = None,
+    cset: ClassificationSet | None = None,
+    answer_ids: tuple[int, int] | None = None,
+) -> Task:
+    """The trainer :class:`~train.trainer.Task` for instruction tuning.
+
+    Training minimises :func:`train.instruct_data.response_loss`; evaluation reports
+    ``eval_loss`` / ``eval_perplexity`` on ``eval_arrays`` and ``eval_accuracy`` on the
+    classification set ``cset`` (the review demo).
+    """
+    packing = cfg.packing
+    if packing and not model.supports_packing:
+        raise ValueError(
+            "--packing needs a model forward that takes segment_ids/positions; this one does not."
+        )
+
+    def apply_fn(params, batch, rng, train):
+        del rng, train  # no dropout in these decoders
+        return model.apply_fn(
+            params, batch["input_ids"], batch["attention_mask"], **_model_kwargs(batch, packing)
+        )
+
+    def loss_fn(logits, batch):
+        return idata.response_loss(logits, batch["labels"])
+
+    n = len(train_arrays)
+
+    def train_batches(epoch, start, bs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        for b in range(start, n // bs):
+            yield train_arrays.batch(order[b * bs : (b + 1) * bs], packing)
+
+    eval_sets = {}
+    if cset is not None:
+        eval_sets["validation"] = cset.batches
+    elif eval_arrays is not None:
+
+        def eval_batches(bs):
+            m = len(eval_arrays)
+            for s in range(0, m, bs):
+                idx = np.arange(s, min(s + bs, m))
+                full = np.concatenate([idx, np.zeros(bs - len(idx), int)])
+                b = eval_arrays.batch(full, packing)
+                b["example_mask"] = (np.arange(bs) < len(idx)).astype(np.int32)
+                yield b
+
+        eval_sets["validation"] = eval_batches
+
+    def eval_outputs(logits, batch):
+        if cset is not None:
+            last = jnp.take_along_axis(logits, batch["last_index"][:, None, None], axis=1)[:, 0]
+            return last[:, answer_ids[1]] - last[:, answer_ids[0]]
+        nll, cnt = idata.response_loss(logits, batch["labels"], reduction="sum")
+        return jnp.stack([nll, cnt.astype(nll.dtype)], axis=-1)
+
+    def metrics_fn(name, outs, batches):
+        if cset is not None:
+            labels = np.concatenate([b["label"] for b in batches])
+            return {"eval_accuracy": float(((outs > 0).astype(int) == labels).mean())}
+        loss = float(outs[:, 0].sum() / max(outs[:, 1].sum(), 1))
+        return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+
+    return Task(apply_fn, loss_fn, n, train_batches, eval_sets, metrics_fn, eval_outputs)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _split(records: list, size: int, seed: int) -> tuple[list, list]:
+    if size <= 0:
+        return records, []
+    if size >= len(records):
+        raise ValueError(f"--val_set_size {size} leaves no training data ({len(records)} records).")
+    order = np.random.default_rng(seed).permutation(len(records))
+    held = set(order[:size].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def _mmlu(cfg, model: DecoderModel, params) -> dict:
+    from train.mmlu import evaluate_mmlu
+
+    f = jax.jit(model.apply_fn)
+    res = evaluate_mmlu(
+        lambda ids, mask: f(params, jnp.asarray(ids), jnp.asarray(mask)),
+        model.tokenizer,
+        cfg.mmlu_dir,
+        cfg.mmlu_k_shot,
+        batch_size=cfg.per_device_eval_batch_size,
+        max_questions_per_subject=cfg.mmlu_max_questions_per_subject,
+    )
+    return res.as_dict()
+
+
+def save_sift_delta(base_params, tuned_params, result, path: Path) -> str | None:
+    """Writes the SIFT increments with ``sift_jax``'s delta helpers, when available."""
+    import sift_jax
+
+    if not (hasattr(sift_jax, "extract_delta") and hasattr(sift_jax, "save_delta")):
+        print("sift_jax has no extract_delta/save_delta yet: the delta is not saved.")
+        return None
+    delta = sift_jax.extract_delta(result.opt_state, base_params, tuned_params)
+    sift_jax.save_delta(delta, str(path))
+    return str(path)
+
+
+def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
+    """Builds the data, evaluates the base model, fine-tunes, evaluates again, saves.
+
+    Args:
+        cfg: the configuration.
+        model: a ready :class:`~train.generate.DecoderModel` (default: load
+            ``cfg.model_name_or_path``).
+
+    Returns:
+        The results dict (also written to ``<output_dir>/instruct_results.json``).
+    """
+    t0 = time.perf_counter()
+    model = model or load_decoder(cfg.model_name_or_path, cfg.dtype)
+    tok = model.tokenizer
+    cset = answer_ids = eval_arrays = None
+    if cfg.data_path:
+        recs = idata.load_records(cfg.data_path, max_samples=None)
+        if cfg.eval_data_path:
+            eval_recs = idata.load_records(cfg.eval_data_path)
+        else:
+            recs, eval_recs = _split(recs, cfg.val_set_size, cfg.seed)
+        labels = None
+    else:
+        total = (cfg.max_train_samples or 10**9) + cfg.val_set_size
+        recs, labels = review_records(total, cfg.seed)
+        eval_recs, eval_labels = recs[: cfg.val_set_size], labels[: cfg.val_set_size]
+        recs = recs[cfg.val_set_size :]
+    if cfg.max_train_samples is not None:
+        recs = recs[: cfg.max_train_samples]
+    if cfg.max_eval_samples is not None:
+        eval_recs = eval_recs[: cfg.max_eval_samples]
+    train_arrays = idata.tokenize_records(
+        tok, recs, cfg.model_max_length, cfg.prompt_template, cfg.packing
+    )
+    print(
+        f"Instruction data: {train_arrays.num_examples} training examples in "
+        f"{len(train_arrays)} rows of {train_arrays.input_ids.shape[1]} tokens "
+        f"({train_arrays.num_dropped} dropped: no response within --model_max_length), "
+        f"{len(eval_recs)} held out."
+    )
+    before: dict[str, Any] = {}
+    if labels is not None:
+        answer_ids = answer_token_ids(tok, cfg.prompt_template)
+        cset = classification_set(
+            tok, eval_recs, eval_labels[: len(eval_recs)], cfg.prompt_template, cfg.model_max_length
+        )
+        before["eval_accuracy"] = score_classification(
+            model, model.params, cset, answer_ids, cfg.per_device_eval_batch_size
+        )
+        print(f"Zero-shot accuracy before tuning: {before['eval_accuracy']:.4f}")
+    elif eval_recs:
+        eval_arrays = idata.tokenize_records(
+            tok, eval_recs, cfg.model_max_length, cfg.prompt_template, cfg.packing
+        )
+    if cfg.mmlu_dir and cfg.mmlu_before:
+        before.update(_mmlu(cfg, model, model.params))
+        print(f"MMLU before tuning: {before['mmlu_average']:.4f}")
+
+    task = build_task(model, cfg, train_arrays, eval_arrays, cset, answer_ids)
+    base = model.params
+    result = train(cfg, task, base)
+    after = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
+    if cfg.mmlu_dir:
+        after.update(_mmlu(cfg, model, result.params))
+        print(f"MMLU after tuning: {after['mmlu_average']:.4f}")
+    out = Path(cfg.output_dir)
+    delta_path = None
+    if cfg.finetuning_type == "sift" and cfg.save_delta:
+        delta_path = save_sift_delta(base, result.params, result, out / "sift_delta.safetensors")
+    results = {
+        "before": before,
+        "after": after,
+        "train": {k: v for k, v in result.metrics.items() if not k.startswith("eval_")},
+        "delta": delta_path,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    if jax.process_index() == 0:
+        (out / "instruct_results.json").write_text(json.dumps(results, indent=2, default=float))
+    if "eval_accuracy" in before:
+        print(
+            f"Accuracy: zero-shot {before['eval_accuracy']:.4f} -> after {cfg.finetuning_type} "
+            f"{after.get('eval_accuracy', float('nan')):.4f}"
+        )
+    print(f"Total wall time {results['wall_time_s']:.1f}s; results in {out}/instruct_results.json")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parses flags (see ``--help``) and runs :func:`run`."""
+    cfg = parse_args(argv, InstructConfig, description=__doc__.split("\n\n")[0])
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
