@@ -220,7 +220,7 @@ def test_packed_rows_match_unpacked_logits(tok):
     a, b = [3, 17, 42, 9, 11], [5, 6, 7]
     sep_a = tiny_llama_apply(params, jnp.array([a]), jnp.ones((1, 5), jnp.int32))
     sep_b = tiny_llama_apply(params, jnp.array([b]), jnp.ones((1, 3), jnp.int32))
-    packed = tiny_llama_apply(
+    packed = jax.jit(tiny_llama_apply)(
         params,
         jnp.array([a + b]),
         jnp.ones((1, 8), jnp.int32),
@@ -270,10 +270,13 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tok, reviews, mon
     assert resumed["after"]["eval_accuracy"] == full["after"]["eval_accuracy"]
 
 
+_apply_jit = jax.jit(tiny_llama_apply)
+
+
 def _manual_greedy(params, prompt, n):
     ids = list(prompt)
     for _ in range(n):
-        logits = tiny_llama_apply(params, jnp.array([ids]), jnp.ones((1, len(ids)), jnp.int32))
+        logits = _apply_jit(params, jnp.array([ids]), jnp.ones((1, len(ids)), jnp.int32))
         ids.append(int(jnp.argmax(logits[0, -1])))
     return ids[len(prompt) :]
 

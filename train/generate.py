@@ -55,21 +55,20 @@ class DecoderModel:
         return lambda ids, mask: f(self.params, jnp.asarray(ids), jnp.asarray(mask))
 
 
-def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    if temperature <= 0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        cum = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(cum < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1)
+def _sample(logits: jax.Array, rng: jax.Array, temperature, top_p) -> jax.Array:
+    """Greedy where ``temperature <= 0``, else temperature + nucleus sampling (traced args)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    sampled = jax.random.categorical(rng, jnp.where(logits < cutoff, -jnp.inf, logits), axis=-1)
+    return jnp.where(temperature <= 0, greedy, sampled)
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens", "temperature", "top_p"))
+@partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens"))
 def _generate_jit(
     apply_fn, params, ids, lengths, rng, eos_id, pad_id, max_new_tokens, temperature, top_p
 ):
@@ -143,8 +142,8 @@ def generate(
         jnp.int32(-1 if eos_id is None else eos_id),
         jnp.int32(pad_id),
         max_new_tokens,
-        float(temperature),
-        float(top_p),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
     )
     out = np.asarray(out)
     result = []
