@@ -299,3 +299,37 @@ def test_generation_stops_at_eos(tok):
     first = _manual_greedy(params, [1, 7], 1)[0]
     out = generate(tiny_llama_apply, params, [[1, 7]], max_new_tokens=5, eos_id=first)
     assert out == [[first]]
+
+
+def test_flags_parse_into_the_instruct_config():
+    from train.config import parse_args
+
+    cfg = parse_args(
+        [
+            "--data_path",
+            "a.json",
+            "b.jsonl",
+            "--packing",
+            "--mmlu_dir",
+            "m",
+            "--sparse_rate",
+            "0.03",
+        ],
+        InstructConfig,
+    )
+    assert isinstance(cfg, InstructConfig)
+    assert cfg.data_path == ["a.json", "b.jsonl"] and cfg.packing and cfg.mmlu_dir == "m"
+    assert cfg.sparse_rate == 0.03 and cfg.learning_rate == 2e-4
+
+
+def test_generate_cli_uses_the_chat_template(tok, monkeypatch, capsys):
+    from train import generate as gen
+
+    monkeypatch.setattr(gen, "load_model", lambda args: tiny_model(tok))
+    texts = gen.main(
+        ["--prompt", "hi", "--prompt", "What is the capital?", "--max_new_tokens", "4"]
+    )
+    assert len(texts) == 2 and texts == gen.main(
+        ["--prompt", "hi", "--prompt", "What is the capital?", "--max_new_tokens", "4"]
+    )
+    assert "### Prompt:\nhi\n### Response:\n" in capsys.readouterr().out

@@ -91,7 +91,7 @@ class InstructConfig(TrainConfig):
     num_train_epochs: float = _f(1.0, "Epochs (the paper: 3 on Alpaca).")
     per_device_train_batch_size: int = _f(8, "Training sequences per device per step.")
     per_device_eval_batch_size: int = _f(16, "Evaluation sequences per device.")
-    max_train_samples: int | None = _f(320, "Keep only the first N training examples.")
+    max_train_samples: int | None = _f(800, "Keep only the first N training examples.")
     max_eval_samples: int | None = _f(None, "Keep only the first N evaluation examples.")
     lora_targets: list[str] = _f([r"(q|v)_proj"], "LoRA: regexes of kernels with adapters.")
     lora_exception: list[str] = _f([], "LoRA: regexes of tensors trained densely.")
