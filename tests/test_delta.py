@@ -1,0 +1,278 @@
+"""SIFT deltas: bitwise-exact extract → save → load → merge / unmerge, validation, atomic save."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+
+import sift_jax
+from sift_jax._src import delta as delta_lib
+from sift_jax._src.delta import (
+    SparseDelta,
+    delta_nbytes,
+    delta_num_params,
+    extract_delta,
+    load_delta,
+    load_delta_metadata,
+    merge_delta,
+    save_delta,
+    unmerge_delta,
+)
+
+DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+
+
+def bits(x) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x))
+    return x.view(f"uint{8 * x.dtype.itemsize}")
+
+
+def assert_bitwise_equal(a, b):
+    fa, ta = jax.tree.flatten(a)
+    fb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(fa, fb, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        assert np.asarray(x).shape == np.asarray(y).shape
+        np.testing.assert_array_equal(bits(x), bits(y))
+
+
+def random_bit_patterns(rng, n, dtype) -> np.ndarray:
+    """Uniform over all bit patterns: every exponent gap, subnormals, ±0, ±inf, NaNs."""
+    width = np.dtype(dtype).itemsize * 8
+    raw = rng.integers(0, 2**width, size=n, dtype=np.uint64).astype(f"uint{width}")
+    return raw.view(dtype)
+
+
+def adversarial(dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(base, finetuned) pairs that break naive ``b + (f - b)`` in one direction or the other."""
+    info = ml_dtypes.finfo(dtype)
+    tiny, big, eps = float(info.smallest_subnormal), float(info.max), float(info.eps)
+    pairs = [
+        (big, tiny),  # f far below b: cancellation in merge
+        (tiny, big),  # b far below f: cancellation in unmerge
+        (big, -big),  # f - b overflows the leaf dtype
+        (-big, big),
+        (0.0, -0.0),  # signed zeros
+        (-0.0, -0.0),
+        (1.0, 1.0 + eps),
+        (1.0, 1.0 - eps / 2),
+        (3.0, np.inf),
+        (np.inf, np.inf),
+        (np.inf, 1.0),
+        (1.0, np.nan),
+        (np.nan, 1.0),
+        (2.0**10, 2.0**-10),
+    ]
+    b, f = zip(*pairs, strict=True)
+    return np.array(b).astype(dtype), np.array(f).astype(dtype)
+
+
+@pytest.mark.parametrize("as_jax", [False, True], ids=["numpy", "jax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_roundtrip_is_bitwise_exact_for_every_value(tmp_path, dtype, as_jax):
+    rng = np.random.default_rng(0)
+    n = 3000
+    b = random_bit_patterns(rng, n, dtype)
+    f = random_bit_patterns(rng, n, dtype)
+    adv_b, adv_f = adversarial(dtype)
+    b[: adv_b.size], f[: adv_f.size] = adv_b, adv_f
+    rest = rng.choice(np.arange(adv_b.size, n), 500, replace=False)
+    sel = np.sort(np.concatenate([np.arange(adv_b.size), rest]))
+    keep = np.setdiff1d(np.arange(n), sel)
+    f[keep] = b[keep]  # only the selected entries change
+    base = {"m": {"w": b.reshape(60, 50)}}
+    tuned = {"m": {"w": f.reshape(60, 50)}}
+    if as_jax:
+        base, tuned = jax.tree.map(jnp.asarray, base), jax.tree.map(jnp.asarray, tuned)
+
+    delta = extract_delta(tuned, base, {"m": {"w": jnp.asarray(sel, jnp.int32)}})
+    save_delta(delta, tmp_path / "d.safetensors")
+    loaded = load_delta(tmp_path / "d.safetensors")
+
+    merged = merge_delta(base, loaded)
+    assert_bitwise_equal(merged, tuned)
+    assert isinstance(merged["m"]["w"], jax.Array if as_jax else np.ndarray)
+    assert_bitwise_equal(unmerge_delta(merged, loaded), base)
+    d = loaded["m/w"]
+    assert d.values.dtype == delta_lib.wide_dtype(dtype)
+    fixups = set(d.fixup_indices.tolist())
+    assert {0, 1, 4, 5} <= fixups  # exponent-gap cancellation and signed zeros need fix-ups ...
+    assert not {6, 7, 13} & fixups  # ... ordinary pairs go through the increment
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_ordinary_finetuning_needs_no_fixups(dtype):
+    rng = np.random.default_rng(1)
+    b = rng.normal(0, 0.05, 20000).astype(dtype)
+    sel = np.sort(rng.choice(b.size, 2000, replace=False))
+    f = b.copy()
+    f[sel] = (f[sel].astype(np.float32) + rng.normal(0, 1e-3, sel.size)).astype(dtype)
+    delta = extract_delta({"w": f}, {"w": b}, {"w": sel})
+    assert delta["w"].fixup_indices is None
+    np.testing.assert_allclose(
+        delta["w"].values, f[sel].astype(np.float64) - b[sel].astype(np.float64), rtol=0, atol=0
+    )
+    assert_bitwise_equal(merge_delta({"w": b}, delta), {"w": f})
+
+
+def test_naive_float_add_is_not_exact_but_merge_is():
+    # The reason for the design: in fp32, b + (f - b) != f here.
+    b, f = np.float32(1.0), np.float32(1e-30)
+    assert b + (f - b) != f
+    delta = extract_delta({"w": np.array([f])}, {"w": np.array([b])}, {"w": np.array([0])})
+    assert delta["w"].values[0] == pytest.approx(-1.0)  # still the increment
+    assert merge_delta({"w": np.array([b])}, delta)["w"][0] == f
+
+
+def test_dense_leaves_round_trip_and_need_keep_to_unmerge(tmp_path):
+    rng = np.random.default_rng(2)
+    base = {
+        "enc": {"q": jnp.asarray(rng.normal(size=(4, 6)), jnp.bfloat16)},
+        "cls": {"kernel": jnp.asarray(rng.normal(size=(6, 3)), jnp.bfloat16), "b": jnp.zeros(3)},
+        "ln": jnp.ones(6),
+        "step": jnp.array(3, jnp.int32),
+    }
+    tuned = dict(base)
+    tuned["enc"] = {"q": base["enc"]["q"].at[1, 2].add(0.25).at[3, 5].add(-0.5)}
+    tuned["cls"] = {"kernel": base["cls"]["kernel"] * 1.5, "b": base["cls"]["b"] + 0.1}
+    indices = {"enc": {"q": jnp.array([8, 23], jnp.int32)}, "cls": None, "ln": None, "step": None}
+
+    delta = extract_delta(tuned, base, indices)
+    assert list(delta) == ["cls/b", "cls/kernel", "enc/q"]  # unchanged ln/step are absent
+    assert delta["cls/kernel"].is_dense and delta["cls/kernel"].values.dtype == ml_dtypes.bfloat16
+    save_delta(delta, tmp_path / "d.safetensors")
+    loaded = load_delta(tmp_path / "d.safetensors")
+    merged = merge_delta(base, loaded)
+    assert_bitwise_equal(merged, tuned)
+    assert merged["ln"] is base["ln"]  # untouched leaves are passed through
+
+    with pytest.raises(ValueError, match=r"cls/b.*dense='keep'"):
+        unmerge_delta(merged, loaded)
+    restored = unmerge_delta(merged, loaded, dense="keep")
+    assert_bitwise_equal(restored["enc"], base["enc"])
+    assert_bitwise_equal(restored["cls"], tuned["cls"])
+
+    assert delta_num_params(loaded) == 2 + 18 + 3
+    assert delta_nbytes(loaded) == 2 * 4 + 2 * 4 + 18 * 2 + 3 * 4  # idx, f32 incr, bf16, f32
+
+
+def test_dense_spec_stores_selected_leaves_and_rejects_unlisted_changes():
+    base = {"cls": np.zeros(2, np.float32), "ln": np.ones(2, np.float32)}
+    tuned = {"cls": np.zeros(2, np.float32), "ln": np.full(2, 2.0, np.float32)}
+    only_cls = extract_delta(base, base, None, dense="cls")
+    assert list(only_cls) == ["cls"] and only_cls["cls"].is_dense  # stored even if unchanged
+    with pytest.raises(ValueError, match=r"^ln: 2 entries changed but the leaf is neither"):
+        extract_delta(tuned, base, None, dense="cls")
+    assert list(extract_delta(tuned, base, None, dense={"cls": False, "ln": True})) == ["ln"]
+
+
+def test_indices_can_come_from_an_optax_state():
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32), "cls": jnp.zeros(4)}
+    tx = sift_jax.sparse_increment(5, optax.adam(1e-2), sparse="w", dense="cls")
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"] * 3.0)) + jnp.sum((p["cls"] - 1.0) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    tuned = params
+    for _ in range(4):
+        tuned, state = step(tuned, state)
+    delta = extract_delta(tuned, params, state)
+    assert delta["w"].indices.size == 5 and delta["cls"].is_dense
+    np.testing.assert_array_equal(
+        delta["w"].indices, np.asarray(sift_jax.selected_indices(state)["w"])
+    )
+    assert_bitwise_equal(merge_delta(params, delta), tuned)
+
+
+def base_and_delta():
+    base = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    tuned = {"w": base["w"] + np.array([[0, 1, 0], [0, 0, 0]], np.float32)}
+    return base, tuned, extract_delta(tuned, base, {"w": np.array([1])})
+
+
+def test_merge_errors_name_the_leaf():
+    base, _, delta = base_and_delta()
+    with pytest.raises(ValueError, match=r"^w: shape mismatch: delta \(2, 3\) vs params \(3, 2\)"):
+        merge_delta({"w": np.zeros((3, 2), np.float32)}, delta)
+    with pytest.raises(ValueError, match=r"^w: dtype mismatch: delta float32 vs params float16"):
+        merge_delta({"w": np.zeros((2, 3), np.float16)}, delta)
+    with pytest.raises(ValueError, match=r"missing from the params: \['w'\]"):
+        merge_delta({"v": base["w"]}, delta)
+    bad = SparseDelta(np.array([6], np.int32), np.array([1.0]), (2, 3), np.dtype(np.float32))
+    with pytest.raises(ValueError, match=r"^w: index out of range.*\[6, 6\].*6 entries"):
+        merge_delta(base, {"w": bad})
+    narrow = SparseDelta(np.array([0], np.int32), np.array([1.0], np.float32), (2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^w: increments are float32, expected float64"):
+        merge_delta(base, {"w": narrow})
+
+
+def test_extract_errors_name_the_leaf():
+    base, tuned, _ = base_and_delta()
+    with pytest.raises(ValueError, match=r"^w: index out of range"):
+        extract_delta(tuned, base, {"w": np.array([-1])})
+    with pytest.raises(ValueError, match=r"^w: 1 entries changed outside the 1 selected indices"):
+        extract_delta(tuned, base, {"w": np.array([0])})
+    with pytest.raises(ValueError, match=r"^w: shape mismatch: finetuned \(6,\) vs base \(2, 3\)"):
+        extract_delta({"w": tuned["w"].ravel()}, base, None)
+    with pytest.raises(ValueError, match=r"^w: dtype mismatch: finetuned float16 vs base float32"):
+        extract_delta({"w": tuned["w"].astype(np.float16)}, base, None)
+    with pytest.raises(ValueError, match="not shaped like `base`"):
+        extract_delta({"v": tuned["w"]}, base, None)
+    with pytest.raises(TypeError, match="floating-point"):
+        extract_delta({"w": np.array([1, 2])}, {"w": np.array([1, 3])}, {"w": np.array([1])})
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    base, tuned, delta = base_and_delta()
+    path = tmp_path / "d.safetensors"
+    save_delta(delta, path, {"v": 1})
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "fsync", crash)  # after the bytes were written, before the rename
+    bigger = extract_delta(tuned, base, {"w": np.array([1, 2, 3])})
+    with pytest.raises(OSError, match="disk on fire"):
+        save_delta(bigger, path, {"v": 2})
+    with pytest.raises(OSError, match="disk on fire"):
+        save_delta(bigger, tmp_path / "new.safetensors")
+    assert path.read_bytes() == before  # the old file is intact ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]  # ... no debris
+    assert load_delta_metadata(path) == {"v": 1}
+
+
+def test_file_layout_and_foreign_files(tmp_path):
+    _, _, delta = base_and_delta()
+    save_delta(delta, tmp_path / "d.safetensors", {"base_model": "roberta-large", "rate": 0.008})
+    raw = safetensors.numpy.load_file(tmp_path / "d.safetensors")
+    assert sorted(raw) == ["w.indices", "w.values"]
+    assert raw["w.indices"].dtype == np.int32 and raw["w.values"].dtype == np.float64
+    assert load_delta_metadata(tmp_path / "d.safetensors")["rate"] == 0.008
+
+    safetensors.numpy.save_file({"x": np.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a sift_jax delta file"):
+        load_delta(tmp_path / "other.safetensors")
+
+
+def test_merge_inside_nested_lists_keeps_structure_and_dtypes():
+    base = {"layers": [{"k": jnp.ones((2, 2), jnp.float16)}, {"k": jnp.ones((2, 2), jnp.float16)}]}
+    tuned = {"layers": [base["layers"][0], {"k": base["layers"][1]["k"].at[0, 1].set(0.125)}]}
+    delta = extract_delta(tuned, base, {"layers": [{"k": None}, {"k": jnp.array([1, 3])}]})
+    assert list(delta) == ["layers/1/k"]
+    merged = merge_delta(base, delta)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    assert_bitwise_equal(merged, tuned)
