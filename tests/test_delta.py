@@ -276,3 +276,25 @@ def test_merge_inside_nested_lists_keeps_structure_and_dtypes():
     merged = merge_delta(base, delta)
     assert jax.tree.structure(merged) == jax.tree.structure(base)
     assert_bitwise_equal(merged, tuned)
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_merge_keeps_the_sharding_of_sharded_leaves(axis_type):
+    kind = getattr(jax.sharding.AxisType, axis_type)
+    mesh = jax.make_mesh((jax.device_count(),), ("x",), axis_types=(kind,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    n = 4 * jax.device_count()
+    base = {"w": jax.device_put(jnp.arange(n, dtype=jnp.bfloat16).reshape(n, 1), sharding)}
+    bumped = np.asarray(base["w"]).copy()
+    bumped[3, 0] += 0.5
+    tuned = {"w": jax.device_put(bumped, sharding)}
+    delta = extract_delta(tuned, base, {"w": jnp.array([3], jnp.int32)})
+    merged = merge_delta(base, delta)
+    assert merged["w"].sharding == base["w"].sharding
+    assert_bitwise_equal(merged, tuned)
+
+
+def test_sparse_delta_is_a_pytree_of_its_arrays():
+    _, _, delta = base_and_delta()
+    leaves = jax.tree.leaves(delta)
+    assert [x.dtype for x in leaves] == [np.int32, np.float64]

@@ -130,6 +130,21 @@ def _is_jax(x: Any) -> bool:
     return isinstance(x, jax.Array)
 
 
+def _auto(x: Any) -> Any:
+    """``x`` on the same devices and layout, but with Auto mesh axes (Explicit ones reject the
+    flat gathers and scatters used here); non-jax and unsharded inputs pass through."""
+    s = getattr(x, "sharding", None)
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return x
+    auto = jax.sharding.AxisType.Auto
+    if all(t == auto for t in s.mesh.axis_types):
+        return x
+    mesh = jax.sharding.Mesh(
+        s.mesh.devices, s.mesh.axis_names, axis_types=(auto,) * len(s.mesh.axis_names)
+    )
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, s.spec))
+
+
 def _uint_for(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
 
@@ -148,7 +163,7 @@ def _count_bit_diff_jax(a: jax.Array, b: jax.Array) -> jax.Array:
 def _count_bit_diff(a: Any, b: Any) -> int:
     """How many entries of two same-shape, same-dtype arrays differ bitwise."""
     if _is_jax(a) or _is_jax(b):
-        return int(_count_bit_diff_jax(jnp.asarray(a), jnp.asarray(b)))
+        return int(_count_bit_diff_jax(_auto(jnp.asarray(a)), _auto(jnp.asarray(b))))
     a, b = np.asarray(a), np.asarray(b)
     return int(np.count_nonzero(_bits(a) != _bits(b)))
 
@@ -156,7 +171,7 @@ def _count_bit_diff(a: Any, b: Any) -> int:
 def _gather(leaf: Any, idx: np.ndarray) -> np.ndarray:
     """``leaf.ravel()[idx]`` as a host numpy array (only ``k`` values leave the device)."""
     if _is_jax(leaf):
-        return np.asarray(jnp.ravel(leaf)[jnp.asarray(idx, jnp.int32)])
+        return np.asarray(jnp.ravel(_auto(leaf))[jnp.asarray(idx, jnp.int32)])
     return np.asarray(leaf).reshape(-1)[idx]
 
 
@@ -173,7 +188,7 @@ def _scatter(leaf: Any, idx: np.ndarray, vals: np.ndarray) -> Any:
     """A copy of ``leaf`` with flat positions ``idx`` set to ``vals``, of the input's kind."""
     if _is_jax(leaf):
         vals = jnp.asarray(np.asarray(vals, leaf.dtype))
-        out = _set_flat_jax(leaf, jnp.asarray(idx, jnp.int32), vals)
+        out = _set_flat_jax(_auto(leaf), jnp.asarray(idx, jnp.int32), vals)
         return out if out.sharding == leaf.sharding else jax.device_put(out, leaf.sharding)
     out = np.array(leaf, copy=True)
     np.put(out, idx, vals)  # C-order flat indices whatever the memory layout
