@@ -185,6 +185,12 @@ def test_sift_changes_only_selected_projection_entries(tmp_path, tok, reviews, m
     per_layer += 3 * sift_jax.count_for_rate(0.05, D * FF)  # gate, up, down
     k = LAYERS * per_layer
     assert seen["res"].metrics["trainable_params"] == k
+    # The saved delta turns the base model into the tuned one, bit for bit.
+    from train.generate import merge_delta_file
+
+    merged = flatten_paths(merge_delta_file(base, str(tmp_path / "run" / "sift_delta.safetensors")))
+    for path, w in tuned.items():
+        np.testing.assert_array_equal(np.asarray(merged[path]), np.asarray(w), err_msg=path)
 
 
 def test_alpaca_file_with_packing_reports_eval_loss(tmp_path, tok):

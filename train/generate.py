@@ -176,13 +176,24 @@ def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
 
 
 def merge_delta_file(params: Any, path: str) -> Any:
-    """``params`` with the SIFT delta saved at ``path`` added (``sift_jax.load_delta`` /
-    ``sift_jax.merge_delta``)."""
+    """``params`` with the SIFT delta saved at ``path`` merged in (``sift_jax`` delta format).
+
+    Example:
+        >>> import os, tempfile, numpy as np
+        >>> from sift_jax._src import delta as d
+        >>> base = {"w": np.zeros(3, np.float32)}
+        >>> f = os.path.join(tempfile.mkdtemp(), "delta.safetensors")
+        >>> d.save_delta(d.extract_delta({"w": np.array([0, 2, 0], np.float32)}, base,
+        ...                              {"w": np.array([1])}), f)
+        >>> merge_delta_file(base, f)["w"].tolist()
+        [0.0, 2.0, 0.0]
+    """
     import sift_jax
 
-    if not hasattr(sift_jax, "load_delta") or not hasattr(sift_jax, "merge_delta"):
-        raise RuntimeError("This sift_jax has no load_delta/merge_delta; cannot apply --delta.")
-    return sift_jax.merge_delta(params, sift_jax.load_delta(path))
+    api = sift_jax
+    if not hasattr(api, "merge_delta"):
+        from sift_jax._src import delta as api  # until the package root re-exports it
+    return api.merge_delta(params, api.load_delta(path))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -322,15 +322,30 @@ def _mmlu(cfg, model: DecoderModel, params) -> dict:
     return res.as_dict()
 
 
-def save_sift_delta(base_params, tuned_params, result, path: Path) -> str | None:
-    """Writes the SIFT increments with ``sift_jax``'s delta helpers, when available."""
+def _delta_api():
     import sift_jax
 
-    if not (hasattr(sift_jax, "extract_delta") and hasattr(sift_jax, "save_delta")):
-        print("sift_jax has no extract_delta/save_delta yet: the delta is not saved.")
-        return None
-    delta = sift_jax.extract_delta(result.opt_state, base_params, tuned_params)
-    sift_jax.save_delta(delta, str(path))
+    if hasattr(sift_jax, "extract_delta"):
+        return sift_jax
+    from sift_jax._src import delta  # until the package root re-exports it
+
+    return delta
+
+
+def save_sift_delta(base_params, tuned_params, opt_state, path: Path, metadata=None) -> str:
+    """Writes the SIFT increments (``sift_jax`` delta format) that turn base into tuned.
+
+    The selected indices come from the optimizer state; they are laid out over the full params
+    tree (``None`` on frozen leaves) for ``extract_delta``.
+    """
+    import sift_jax
+    from train.methods import flatten_paths, unflatten_paths
+
+    api = _delta_api()
+    picked = flatten_paths(sift_jax.selected_indices(opt_state))
+    full = {p: picked.get(p) for p in flatten_paths(base_params)}
+    delta = api.extract_delta(tuned_params, base_params, unflatten_paths(full))
+    api.save_delta(delta, str(path), metadata or {})
     return str(path)
 
 
@@ -402,7 +417,13 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
     out = Path(cfg.output_dir)
     delta_path = None
     if cfg.finetuning_type == "sift" and cfg.save_delta:
-        delta_path = save_sift_delta(base, result.params, result, out / "sift_delta.safetensors")
+        delta_path = save_sift_delta(
+            base,
+            result.params,
+            result.opt_state,
+            out / "sift_delta.safetensors",
+            {"base_model": cfg.model_name_or_path, "sparse_rate": cfg.sparse_rate},
+        )
     results = {
         "before": before,
         "after": after,
