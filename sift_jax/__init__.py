@@ -4,6 +4,20 @@ Train only a tiny, gradient-selected set of a pretrained model's weights with an
 optimizer, keeping optimizer state O(k). See :func:`sparse_increment`.
 """
 
+from sift_jax._src.analysis import gradient_sparsity, gradient_sparsity_by_group, top_count
+from sift_jax._src.delta import (
+    SparseDelta,
+    delta_nbytes,
+    delta_num_params,
+    extract_delta,
+    load_delta,
+    load_delta_metadata,
+    merge_delta,
+    save_delta,
+    unmerge_delta,
+    wide_dtype,
+)
+from sift_jax._src.increments import apply_increments, gather_at, init_increments, select_indices
 from sift_jax._src.masks import leaf_roles, role_tree
 from sift_jax._src.paths import leaves_with_paths, path_to_str
 from sift_jax._src.selection import (
@@ -26,7 +40,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DenseLeaf",
+    "SparseDelta",
     "SparseIncrementState",
+    "apply_increments",
+    "delta_nbytes",
+    "delta_num_params",
+    "extract_delta",
+    "gather_at",
+    "gradient_sparsity",
+    "gradient_sparsity_by_group",
+    "init_increments",
+    "load_delta",
+    "load_delta_metadata",
+    "merge_delta",
+    "save_delta",
+    "select_indices",
+    "top_count",
+    "unmerge_delta",
+    "wide_dtype",
     "count_for_rate",
     "find_states",
     "leaf_roles",

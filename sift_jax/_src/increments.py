@@ -1,0 +1,123 @@
+"""Functional sparse increments: select indices, hold ``Δ`` as k-vectors, form ``W + scatter(Δ)``.
+
+These are the pieces of the *compact-gradient* training path: the trainable variables are the
+``k``-vectors ``Δ`` (fp32 by default) and the frozen base weights are plain inputs, so
+``jax.grad`` returns only ``k``-sized gradients for sparse tensors and the optimizer state is
+O(k). Each dense weight gradient exists only inside the backward pass, transiently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sift_jax._src import masks
+from sift_jax._src import selection as selection_lib
+from sift_jax._src.paths import path_to_str
+from sift_jax._src.transform import _gather, _leaf_k, _unravel, _validate_k
+
+
+def select_indices(
+    scores: Any,
+    k: Any,
+    *,
+    sparse: masks.LeafSpec | None = None,
+    selection: str | selection_lib.SelectionFn = "grad",
+    params: Any = None,
+    seed: int = 0,
+) -> Any:
+    """Chooses ``k`` flat indices per sparse leaf from a tree of scores (e.g. ``|grad|``).
+
+    Returns a tree shaped like ``scores`` with sorted ``int32[k]`` for sparse leaves and ``None``
+    elsewhere (the same form as :func:`sift_jax.selected_indices`). Uses the same rules for
+    ``k`` and ``sparse`` as :func:`sift_jax.sparse_increment`; random choices fold the leaf's
+    position among sparse leaves into ``seed``, as the transform does.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> idx = select_indices({"w": jnp.array([0.1, 3.0, -2.0, 0.5])}, 2)
+        >>> idx["w"].tolist()
+        [1, 3]
+    """
+    _validate_k(k)
+    fn, _ = selection_lib.resolve_selection(selection)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
+    roles = masks.leaf_roles(scores, sparse, None)
+    p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(flat)
+    key = jax.random.PRNGKey(seed)
+    out, j = [], 0
+    for (path, s), role, p in zip(flat, roles, p_leaves, strict=True):
+        if role != masks.SPARSE:
+            out.append(None)
+            continue
+        kk = _leaf_k(k, path_to_str(path), s)
+        ref = p if p is not None else s
+        out.append(jnp.asarray(fn(s, ref, kk, jax.random.fold_in(key, j)), jnp.int32))
+        j += 1
+    return jax.tree.unflatten(treedef, out)
+
+
+def _pairs(params: Any, indices: Any):
+    leaves, treedef = jax.tree.flatten(params)
+    idx = treedef.flatten_up_to(indices)
+    return leaves, idx, treedef
+
+
+def init_increments(params: Any, indices: Any, dtype: Any = jnp.float32) -> Any:
+    """Zero increments ``Δ`` (``dtype[k]``) for leaves with indices; ``None`` elsewhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> init_increments({"w": jnp.ones((2, 2)), "b": jnp.ones(2)},
+        ...                 {"w": jnp.array([0, 3]), "b": None})
+        {'b': None, 'w': Array([0., 0.], dtype=float32)}
+    """
+    leaves, idx, treedef = _pairs(params, indices)
+    out = [None if i is None else jnp.zeros(i.shape, dtype) for i in idx]
+    return jax.tree.unflatten(treedef, out)
+
+
+def gather_at(tree: Any, indices: Any) -> Any:
+    """``x.ravel()[idx]`` per leaf with indices; ``None`` elsewhere.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> gather_at({"w": jnp.arange(4.0).reshape(2, 2)}, {"w": jnp.array([1, 2])})["w"].tolist()
+        [1.0, 2.0]
+    """
+    leaves, idx, treedef = _pairs(tree, indices)
+    out = [None if i is None else _gather(x, i) for x, i in zip(leaves, idx, strict=True)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def apply_increments(params: Any, indices: Any, increments: Any) -> Any:
+    """``W + scatter(Δ)`` for every leaf with indices; other leaves pass through unchanged.
+
+    The add happens in the increment's dtype and is rounded once to the weight's dtype, so an
+    fp32 ``Δ`` on a bf16 base keeps its precision across steps (the original code's bf16
+    increments lost small updates). Differentiating through this with respect to ``Δ`` gives
+    ``grad_W[idx]``: ``k`` values, no dense gradient output.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> apply_increments({"w": jnp.zeros(4)}, {"w": jnp.array([1, 3])},
+        ...                  {"w": jnp.array([1.0, 2.0])})["w"].tolist()
+        [0.0, 1.0, 0.0, 2.0]
+    """
+    leaves, idx, treedef = _pairs(params, indices)
+    inc = treedef.flatten_up_to(increments)
+    out = []
+    for w, i, d in zip(leaves, idx, inc, strict=True):
+        if i is None:
+            out.append(w)
+            continue
+        sel = (_gather(w, i).astype(d.dtype) + d).astype(w.dtype)  # one rounding, in Δ's dtype
+        if w.ndim == 0:
+            out.append(sel.reshape(()))
+        else:
+            out.append(
+                w.at[_unravel(i, w.shape)].set(sel, indices_are_sorted=True, unique_indices=True)
+            )
+    return jax.tree.unflatten(treedef, out)
