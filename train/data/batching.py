@@ -36,6 +36,7 @@ __all__ = [
     "load_tokenizer",
     "steps_per_epoch",
     "train_batches",
+    "trainer_fns",
 ]
 
 Batch = dict[str, np.ndarray]
@@ -223,3 +224,30 @@ def eval_batches(
         batch = data.rows(np.concatenate([idx, np.zeros(pad, np.int64)]))
         batch["example_mask"][len(idx) :] = 0
         yield _finish(batch, buckets, process_index, process_count)
+
+
+def trainer_fns(
+    train: Encoded,
+    evals: dict[str, Encoded],
+    seed: int,
+    buckets: Sequence[int] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The callables :class:`train.trainer.Task` takes: ``train_batches`` and ``eval_sets``.
+
+    ``train_batches(epoch, start, batch_size)`` and ``eval_sets[name](batch_size)`` yield global
+    batches (the trainer slices them per host).
+
+    Example:
+        >>> enc = Encoded(*(np.zeros((10, 4), np.int32),) * 3, np.arange(10, dtype=np.int32))
+        >>> tb, ev = trainer_fns(enc, {"validation": enc}, seed=0)
+        >>> len(list(tb(0, 1, 4))), len(list(ev["validation"](4)))
+        (1, 3)
+    """
+
+    def train_fn(epoch: int, start: int, batch_size: int) -> Iterator[Batch]:
+        return train_batches(train, batch_size, epoch, start, seed=seed, buckets=buckets)
+
+    def eval_fn(data: Encoded):
+        return lambda batch_size: eval_batches(data, batch_size, buckets=buckets)
+
+    return train_fn, {name: eval_fn(d) for name, d in evals.items()}
