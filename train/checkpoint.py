@@ -29,7 +29,7 @@ def _leaves_dict(tree: Any) -> dict[str, Any]:
 
 def compact_trained(method, trainable: Any, opt_state: Any) -> dict[str, Any]:
     """What a checkpoint stores of ``trainable``: SIFT sparse tensors as their k selected values."""
-    if method.name != "sift":
+    if method.name != "sift" or method.path != "simple":
         return trainable
     idx = flatten_paths(sift_jax.selected_indices(opt_state))
     out = {}
@@ -41,7 +41,7 @@ def compact_trained(method, trainable: Any, opt_state: Any) -> dict[str, Any]:
 
 def expand_trained(method, stored: Any, base_trainable: Any, opt_state: Any) -> Any:
     """Inverse of :func:`compact_trained`, given the base (pretrained) values."""
-    if method.name != "sift":
+    if method.name != "sift" or method.path != "simple":
         return stored
     idx = flatten_paths(sift_jax.selected_indices(opt_state))
     stored_flat = flatten_paths(stored)
@@ -66,12 +66,15 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, method, trainable, opt_state, rng, meta: dict) -> None:
+    def save(self, step: int, method, trainable, opt_state, rng, meta: dict, extra=None) -> None:
         payload = {
             "trained": compact_trained(method, trainable, opt_state),
             "opt_state": _leaves_dict(opt_state),
             "rng": rng,
         }
+        if extra:
+            payload["extra"] = extra
+        meta = {**meta, "extra_keys": sorted(extra) if extra else []}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -81,31 +84,48 @@ class Checkpointer:
         )
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, method, trainable_base, opt_state_template, rng_template):
-        """Returns ``(trainable, opt_state, rng, meta)`` restored at ``step``."""
+    def restore(
+        self,
+        step: int,
+        method,
+        trainable_base,
+        opt_state_template,
+        rng_template,
+        extra_template=None,
+    ):
+        """Returns ``(trainable, opt_state, rng, meta, extra)`` restored at ``step``.
+
+        ``extra_template`` describes method state kept outside the optimizer (the compact SIFT
+        path's indices); a saved selection-phase ``score`` is restored when present.
+        """
         leaves, treedef = jax.tree.flatten(opt_state_template)
         abstract_opt = {f"{i:05d}": _abstract(x) for i, x in enumerate(leaves)}
         # The stored trainable tree's shapes depend on the indices; restore opt state first.
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
-        tmp = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(
-                    {
-                        "opt_state": abstract_opt,
-                        "rng": _abstract(rng_template),
-                        "trained": self._abstract_trained(
-                            method, trainable_base, opt_state_template
-                        ),
-                    }
+        target = {
+            "opt_state": abstract_opt,
+            "rng": _abstract(rng_template),
+            "trained": self._abstract_trained(method, trainable_base, opt_state_template),
+        }
+        keys = meta.get("extra_keys", [])
+        if keys:
+            extra_t = dict(extra_template or {})
+            if "score" in keys:
+                idx = extra_t["idx"]
+                extra_t["score"] = jax.tree.map(
+                    lambda i, b: jax.ShapeDtypeStruct(b.shape, jnp.float32, sharding=b.sharding),
+                    idx,
+                    _sparse_like(trainable_base, idx, method),
                 )
-            ),
+            target["extra"] = {k: jax.tree.map(_abstract, extra_t[k]) for k in keys}
+        tmp = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )["state"]
         opt_state = jax.tree.unflatten(treedef, [tmp["opt_state"][k] for k in sorted(abstract_opt)])
         trainable = expand_trained(method, tmp["trained"], trainable_base, opt_state)
-        return trainable, opt_state, tmp["rng"], meta
+        return trainable, opt_state, tmp["rng"], meta, tmp.get("extra")
 
     @staticmethod
     def _abstract_trained(method, trainable_base, opt_state):
@@ -113,7 +133,11 @@ class Checkpointer:
             lambda t, s: compact_trained(method, t, s), trainable_base, opt_state
         )
         base = flatten_paths(trainable_base)
-        idx = flatten_paths(sift_jax.selected_indices(opt_state)) if method.name == "sift" else {}
+        idx = (
+            flatten_paths(sift_jax.selected_indices(opt_state))
+            if method.path == "simple" and method.name == "sift"
+            else {}
+        )
         out = {}
         for path, sds in flatten_paths(shapes).items():
             like = base[path] if idx.get(path) is None else idx[path]
@@ -123,6 +147,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _sparse_like(trainable_base, idx, method):
+    """The base tensors (shaped like the selection score) for the compact path's indices."""
+    base = flatten_paths(method.frozen["base"])
+    return unflatten_paths({p: base[p] for p in flatten_paths(idx)})
 
 
 def _abstract(x):

@@ -74,6 +74,12 @@ class TrainConfig:
     )
     selection_steps: int = _f(1, "SIFT: batches whose |gradient| is summed to select indices.")
     update_on_selection: bool = _f(False, "SIFT: also apply the selection batch's gradient.")
+    sift_path: str = _f(
+        "compact",
+        "SIFT training path: 'compact' (trainable = the k-vectors of increments, gradients and "
+        "optimizer state O(k)) or 'simple' (optax transform over the dense gradient).",
+        choices=["compact", "simple"],
+    )
     # --- LoRA
     lora_rank: int = _f(8, "LoRA rank.")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / rank).")

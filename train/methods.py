@@ -137,6 +137,10 @@ class Method:
     combine: Callable[[Params, Params], Params]
     optimizer: optax.GradientTransformation
     num_trainable: Callable[[Any], int]
+    path: str = "simple"
+    selection_steps: int = 0
+    opt_params: Callable[[Params, Params], Params] | None = None
+    sparse_indices: Callable[[Params, Any], Params] | None = None
 
 
 def _split(params: Params, is_trained: Callable[[str], bool]) -> tuple[Params, Params]:
@@ -197,7 +201,151 @@ def sift_method(params: Params, cfg, schedule) -> Method:
         dense = sum(x.size for x, r in zip(leaves, roles, strict=True) if r == "dense")
         return int(sum(i.size for i in idx) + dense)
 
-    return Method("sift", trainable, frozen, _merge_trees, opt, count)
+    def sparse_indices(frozen, opt_state):
+        full = {p: None for p in flatten_paths(params)}
+        full.update(flatten_paths(sift_jax.selected_indices(opt_state)))
+        return unflatten_paths(full)
+
+    return Method(
+        "sift", trainable, frozen, _merge_trees, opt, count, sparse_indices=sparse_indices
+    )
+
+
+def sift_compact_method(params: Params, cfg, schedule) -> Method:
+    """SIFT with compact gradients: the trainable variables are the increments themselves.
+
+    ``trainable = {"delta": {path: fp32[k]}, "dense": exception tensors}``; the frozen base and
+    the selected indices are step inputs, and each sparse weight is formed as
+    ``W[idx] + delta`` (:func:`sift_jax.apply_increments`) inside the loss, so ``jax.grad``
+    returns k-sized gradients and the optimizer state is O(k). The first ``selection_steps``
+    steps compute the dense gradient of the sparse tensors once to choose the indices (the
+    trainer runs them with :func:`make_selection_step`). Same maths as the simple path
+    (:func:`sift_method`): same indices, same AdamW with decay on the selected weights
+    ``W[idx] + delta``, same clipping, same step count.
+    """
+    _check_matches(params, cfg.sparse_module, "--sparse_module")
+    if cfg.sparse_exception:
+        _check_matches(params, cfg.sparse_exception, "--sparse_exception")
+    roles = dict(
+        zip(
+            flatten_paths(params),
+            sift_jax.leaf_roles(params, cfg.sparse_module, cfg.sparse_exception or None),
+            strict=True,
+        )
+    )
+    flat = flatten_paths(params)
+    sparse = {p: flat[p] for p, r in roles.items() if r == "sparse"}
+    dense = {p: flat[p] for p, r in roles.items() if r == "dense"}
+    ks = {p: sift_jax.count_for_rate(cfg.sparse_rate, x.size) for p, x in sparse.items()}
+    trainable = {
+        "delta": unflatten_paths({p: jnp.zeros((ks[p],), jnp.float32) for p in sparse}),
+        "dense": unflatten_paths(dense),
+    }
+    frozen = {
+        "base": params,
+        "idx": unflatten_paths({p: jnp.arange(ks[p], dtype=jnp.int32) for p in sparse}),
+    }
+
+    def combine(t, f):
+        out = flatten_paths(f["base"])
+        idx, delta = flatten_paths(f["idx"]), flatten_paths(t["delta"])
+        w = sift_jax.apply_increments({p: out[p] for p in idx}, idx, delta)
+        out.update(w)
+        out.update(flatten_paths(t["dense"]))
+        return unflatten_paths(out)
+
+    def opt_params(t, f):
+        base, idx = flatten_paths(f["base"]), flatten_paths(f["idx"])
+        sel = sift_jax.gather_at({p: base[p] for p in idx}, idx)
+        delta = flatten_paths(t["delta"])
+        return {
+            "delta": unflatten_paths({p: sel[p].astype(jnp.float32) + delta[p] for p in idx}),
+            "dense": t["dense"],
+        }
+
+    def sparse_indices(f, opt_state):
+        full = {p: None for p in flatten_paths(params)}
+        full.update(flatten_paths(f["idx"]))
+        return unflatten_paths(full)
+
+    n = sum(ks.values()) + sum(x.size for x in dense.values())
+    return Method(
+        "sift",
+        trainable,
+        frozen,
+        combine,
+        adamw(cfg, schedule),
+        lambda s: n,
+        path="compact",
+        selection_steps=cfg.selection_steps,
+        opt_params=opt_params,
+        sparse_indices=sparse_indices,
+    )
+
+
+def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_grads: Callable):
+    """The compact path's selection step (jitted; ``last`` is static).
+
+    Computes the gradient of the sparse tensors (dense, once per selection step) and of the
+    dense tensors, accumulates ``|g|`` into ``score`` and, on the last selection step, selects
+    the indices exactly as :func:`sift_jax.sparse_increment` would. Dense tensors train; the
+    increments stay zero unless ``update_on_selection`` (then the last selection batch's
+    gradient at the new indices is applied).
+    """
+    opt = method.optimizer
+
+    def step(trainable, opt_state, frozen, score, batch, rng, last):
+        base = flatten_paths(frozen["base"])
+        sparse_paths = list(flatten_paths(frozen["idx"]))
+        w_sparse = {p: base[p] for p in sparse_paths}
+
+        def loss_of(wd, b, r):
+            w, dense = wd
+            params = dict(base)
+            params.update(w)
+            params.update(flatten_paths(dense))
+            return loss_of_params(unflatten_paths(params), b, r)
+
+        loss, (g_w, g_dense) = accum_grads(loss_of, (w_sparse, trainable["dense"]), batch, rng)
+        score = {p: score[p] + jnp.abs(g_w[p]).astype(jnp.float32) for p in sparse_paths}
+        idx = flatten_paths(frozen["idx"])
+        if last:
+            idx = flatten_paths(
+                sift_jax.select_indices(
+                    unflatten_paths(score),
+                    cfg.sparse_rate,
+                    selection=cfg.selection,
+                    params=unflatten_paths(w_sparse),
+                    seed=cfg.seed,
+                )
+            )
+            frozen = {"base": frozen["base"], "idx": unflatten_paths(idx)}
+        train_now = last and cfg.update_on_selection
+        g_delta = {
+            p: (
+                sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
+                if train_now
+                else jnp.zeros(idx[p].shape, jnp.float32)
+            )
+            for p in sparse_paths
+        }
+        grads = {"delta": unflatten_paths(g_delta), "dense": g_dense}
+        updates, opt_state = opt.update(grads, opt_state, method.opt_params(trainable, frozen))
+        if not train_now:
+            updates = {
+                "delta": jax.tree.map(jnp.zeros_like, updates["delta"]),
+                "dense": updates["dense"],
+            }
+        trainable = optax.apply_updates(trainable, updates)
+        return (
+            trainable,
+            opt_state,
+            frozen,
+            score,
+            {"loss": loss, "grad_norm": optax.tree.norm(grads)},
+        )
+
+    return jax.jit(step, donate_argnums=(0, 1, 3), static_argnums=(6,))
 
 
 def lora_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
@@ -236,6 +384,8 @@ def build_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
     if cfg.finetuning_type == "full":
         return full_method(params, cfg, schedule)
     if cfg.finetuning_type == "sift":
+        if getattr(cfg, "sift_path", "compact") == "compact":
+            return sift_compact_method(params, cfg, schedule)
         return sift_method(params, cfg, schedule)
     if cfg.finetuning_type == "lora":
         return lora_method(params, cfg, schedule, rng)

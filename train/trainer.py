@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 
 from train import mesh as mesh_lib
 from train.checkpoint import Checkpointer
-from train.methods import Method, build_method, make_schedule
+from train.methods import (
+    Method,
+    build_method,
+    flatten_paths,
+    make_schedule,
+    make_selection_step,
+    unflatten_paths,
+)
 
 Batch = dict[str, np.ndarray]
 
@@ -66,6 +73,7 @@ class TrainResult:
     params: Any
     method: Method
     opt_state: Any
+    frozen: Any = None
 
 
 def print_trainable(num_trainable: int, num_all: int) -> str:
@@ -119,36 +127,59 @@ def plan_steps(cfg, train_size: int, global_batch: int) -> tuple[int, int]:
     return steps_per_epoch, int(math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 
+def make_accum_grads(accum: int):
+    """``(loss_of, args, batch, rng) -> (loss, grads)`` averaged over ``accum`` micro-batches.
+
+    ``loss_of(args, micro_batch, rng)``; with ``accum > 1`` the batch leaves carry a leading
+    ``[accum]`` dim and a ``lax.scan`` sums the gradients (one gradient tree live at a time).
+    """
+
+    def accum_grads(loss_of, args, batch, rng):
+        grad_fn = jax.value_and_grad(loss_of)
+        if accum == 1:
+            return grad_fn(args, batch, rng)
+        rngs = jax.random.split(rng, accum)
+
+        def micro(carry, xs):
+            mb, r = xs
+            loss_i, g = grad_fn(args, mb, r)
+            return (jax.tree.map(jnp.add, carry[0], g), carry[1] + loss_i), None
+
+        zeros = jax.tree.map(jnp.zeros_like, args)
+        (grads, loss), _ = jax.lax.scan(micro, (zeros, 0.0), (batch, rngs))
+        return loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
+    return accum_grads
+
+
 def make_train_step(method: Method, task: Task, accum: int):
     """The jitted optimizer step: grads over ``accum`` micro-batches, then one update."""
     opt = method.optimizer
-
-    def loss_of(trainable, frozen, batch, rng):
-        params = method.combine(trainable, frozen)
-        return task.loss_fn(task.apply_fn(params, batch, rng, True), batch)
-
-    grad_fn = jax.value_and_grad(loss_of)
+    accum_grads = make_accum_grads(accum)
 
     def step(trainable, opt_state, frozen, batch, rng):
-        if accum == 1:
-            loss, grads = grad_fn(trainable, frozen, batch, rng)
-        else:
-            rngs = jax.random.split(rng, accum)
+        def loss_of(t, b, r):
+            params = method.combine(t, frozen)
+            return task.loss_fn(task.apply_fn(params, b, r, True), b)
 
-            def micro(carry, xs):
-                mb, r = xs
-                loss_i, g = grad_fn(trainable, frozen, mb, r)
-                return (jax.tree.map(jnp.add, carry[0], g), carry[1] + loss_i), None
-
-            zeros = jax.tree.map(jnp.zeros_like, trainable)
-            (grads, loss), _ = jax.lax.scan(micro, (zeros, 0.0), (batch, rngs))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            loss = loss / accum
-        updates, opt_state = opt.update(grads, opt_state, trainable)
+        loss, grads = accum_grads(loss_of, trainable, batch, rng)
+        opt_params = method.opt_params(trainable, frozen) if method.opt_params else trainable
+        updates, opt_state = opt.update(grads, opt_state, opt_params)
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_selection_fn(method: Method, task: Task, cfg):
+    """The compact SIFT path's selection step (see :func:`train.methods.make_selection_step`)."""
+
+    def loss_of_params(params, b, r):
+        return task.loss_fn(task.apply_fn(params, b, r, True), b)
+
+    return make_selection_step(
+        method, cfg, loss_of_params, make_accum_grads(cfg.gradient_accumulation_steps)
+    )
 
 
 def evaluate(method: Method, task: Task, trainable, frozen, cfg, mesh, eval_fn=None):
@@ -219,7 +250,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
     del params
 
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.save_total_limit)
-    start_step, rng = 0, jax.random.fold_in(root, 2)
+    start_step, rng, extra = 0, jax.random.fold_in(root, 2), None
     log_path = out_dir / "train_log.jsonl"
     if cfg.resume_from_checkpoint:
         step = (
@@ -229,7 +260,11 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         )
         if step is None:
             raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {ckpt.directory}.")
-        trainable, opt_state, rng, meta = ckpt.restore(step, method, trainable, opt_state, rng)
+        trainable, opt_state, rng, meta, extra = ckpt.restore(
+            step, method, trainable, opt_state, rng, extra_template=_extra(method, frozen, None)
+        )
+        if extra and "idx" in extra:
+            frozen = {**frozen, "idx": extra["idx"]}
         start_step = int(meta["step"])
         print(f"Resumed from checkpoint step {start_step} (epoch {meta['epoch']}).")
         _truncate_log(log_path, start_step)
@@ -238,6 +273,15 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
 
     step_fn = make_train_step(method, task, cfg.gradient_accumulation_steps)
     eval_fn = make_eval_fn(method, task)
+    sel_fn, score = None, None
+    if method.selection_steps and start_step < method.selection_steps:
+        sel_fn = make_selection_fn(method, task, cfg)
+        score = flatten_paths(extra["score"]) if extra and "score" in extra else None
+        if score is None:
+            score = {
+                p: jnp.zeros(x.shape, jnp.float32)
+                for p, x in flatten_paths(_sparse_base(frozen)).items()
+            }
     accum = cfg.gradient_accumulation_steps
     print(
         f"Fine-tuning ({method.name}) for {total_steps} steps: {task.train_size} examples, "
@@ -258,9 +302,23 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                     batch = {k: v.reshape(accum, per_step, *v.shape[1:]) for k, v in batch.items()}
                 dev = mesh_lib.put_batch(batch, mesh, leading=1 if accum > 1 else 0)
                 t0 = time.perf_counter()
-                trainable, opt_state, m = step_fn(
-                    trainable, opt_state, frozen, dev, jax.random.fold_in(rng, step)
-                )
+                if sel_fn is not None and step < method.selection_steps:
+                    last = step == method.selection_steps - 1
+                    trainable, opt_state, frozen, score, m = sel_fn(
+                        trainable,
+                        opt_state,
+                        frozen,
+                        score,
+                        dev,
+                        jax.random.fold_in(rng, step),
+                        last,
+                    )
+                    if last:
+                        sel_fn = score = None  # the O(n) selection score is no longer needed
+                else:
+                    trainable, opt_state, m = step_fn(
+                        trainable, opt_state, frozen, dev, jax.random.fold_in(rng, step)
+                    )
                 step += 1
                 loss = float(m["loss"])
                 losses.append(loss)
@@ -306,6 +364,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                         opt_state,
                         rng,
                         {"step": step, "epoch": step / steps_per_epoch},
+                        extra=_extra(method, frozen, score),
                     )
                 if step >= total_steps or end_of_epoch:
                     break
@@ -319,7 +378,13 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         metrics = evaluate(method, task, trainable, frozen, cfg, mesh, eval_fn)
         metrics["epoch"] = step / steps_per_epoch
     ckpt.save(
-        step, method, trainable, opt_state, rng, {"step": step, "epoch": step / steps_per_epoch}
+        step,
+        method,
+        trainable,
+        opt_state,
+        rng,
+        {"step": step, "epoch": step / steps_per_epoch},
+        extra=_extra(method, frozen, score),
     )
     ckpt.close()
     steps_run = step - start_step
@@ -338,7 +403,22 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         _write_json(out_dir / "all_results.json", results)
         _write_json(out_dir / "train_config.json", asdict(cfg))
     params = method.combine(trainable, frozen)
-    return TrainResult(results, losses, params, method, opt_state)
+    return TrainResult(results, losses, params, method, opt_state, frozen)
+
+
+def _sparse_base(frozen) -> dict:
+    base = flatten_paths(frozen["base"])
+    return unflatten_paths({p: base[p] for p in flatten_paths(frozen["idx"])})
+
+
+def _extra(method: Method, frozen, score) -> dict | None:
+    """Method state that lives outside trainable/opt_state and must be checkpointed."""
+    if method.path != "compact":
+        return None
+    out = {"idx": frozen["idx"]}
+    if score is not None:
+        out["score"] = unflatten_paths(score)
+    return out
 
 
 def _truncate_log(path: Path, step: int) -> None:
