@@ -20,11 +20,18 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 import sift_jax
+from sift_jax._src.paths import path_to_str
 from train.methods import flatten_paths, unflatten_paths
 
 
 def _leaves_dict(tree: Any) -> dict[str, Any]:
+    """A tree's leaves keyed by position: orbax-safe whatever the tree's node types."""
     return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _from_leaves_dict(template: Any, leaves: dict[str, Any]) -> Any:
+    treedef = jax.tree.structure(template)
+    return jax.tree.unflatten(treedef, [leaves[k] for k in sorted(leaves)])
 
 
 def compact_trained(method, trainable: Any, opt_state: Any) -> dict[str, Any]:
@@ -68,12 +75,12 @@ class Checkpointer:
 
     def save(self, step: int, method, trainable, opt_state, rng, meta: dict, extra=None) -> None:
         payload = {
-            "trained": compact_trained(method, trainable, opt_state),
+            "trained": _leaves_dict(compact_trained(method, trainable, opt_state)),
             "opt_state": _leaves_dict(opt_state),
             "rng": rng,
         }
         if extra:
-            payload["extra"] = extra
+            payload["extra"] = {k: _leaves_dict(v) for k, v in extra.items()}
         meta = {**meta, "extra_keys": sorted(extra) if extra else []}
         self.manager.save(
             step,
@@ -104,10 +111,11 @@ class Checkpointer:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
+        trained_abs = self._abstract_trained(method, trainable_base, opt_state_template)
         target = {
             "opt_state": abstract_opt,
             "rng": _abstract(rng_template),
-            "trained": self._abstract_trained(method, trainable_base, opt_state_template),
+            "trained": _leaves_dict(trained_abs),
         }
         keys = meta.get("extra_keys", [])
         if keys:
@@ -119,13 +127,18 @@ class Checkpointer:
                     idx,
                     _sparse_like(trainable_base, idx, method),
                 )
-            target["extra"] = {k: jax.tree.map(_abstract, extra_t[k]) for k in keys}
+            extra_abs = {k: jax.tree.map(_abstract, extra_t[k]) for k in keys}
+            target["extra"] = {k: _leaves_dict(v) for k, v in extra_abs.items()}
         tmp = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )["state"]
         opt_state = jax.tree.unflatten(treedef, [tmp["opt_state"][k] for k in sorted(abstract_opt)])
-        trainable = expand_trained(method, tmp["trained"], trainable_base, opt_state)
-        return trainable, opt_state, tmp["rng"], meta, tmp.get("extra")
+        trained = _from_leaves_dict(trained_abs, tmp["trained"])
+        trainable = expand_trained(method, trained, trainable_base, opt_state)
+        extra = None
+        if keys:
+            extra = {k: _from_leaves_dict(extra_abs[k], tmp["extra"][k]) for k in keys}
+        return trainable, opt_state, tmp["rng"], meta, extra
 
     @staticmethod
     def _abstract_trained(method, trainable_base, opt_state):
@@ -138,11 +151,13 @@ class Checkpointer:
             if method.path == "simple" and method.name == "sift"
             else {}
         )
-        out = {}
-        for path, sds in flatten_paths(shapes).items():
+        flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+        leaves = []
+        for keypath, sds in flat:
+            path = path_to_str(keypath)
             like = base[path] if idx.get(path) is None else idx[path]
-            out[path] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=like.sharding)
-        return unflatten_paths(out)
+            leaves.append(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=like.sharding))
+        return jax.tree.unflatten(treedef, leaves)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

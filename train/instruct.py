@@ -37,7 +37,7 @@ import numpy as np
 from train import instruct_data as idata
 from train.config import TrainConfig, _f, parse_args
 from train.generate import DecoderModel, load_decoder
-from train.trainer import Task, train
+from train.trainer import Task, save_sift_delta, train
 
 PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 REVIEW_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -322,33 +322,6 @@ def _mmlu(cfg, model: DecoderModel, params) -> dict:
     return res.as_dict()
 
 
-def _delta_api():
-    import sift_jax
-
-    if hasattr(sift_jax, "extract_delta"):
-        return sift_jax
-    from sift_jax._src import delta  # until the package root re-exports it
-
-    return delta
-
-
-def save_sift_delta(base_params, tuned_params, opt_state, path: Path, metadata=None) -> str:
-    """Writes the SIFT increments (``sift_jax`` delta format) that turn base into tuned.
-
-    The selected indices come from the optimizer state; they are laid out over the full params
-    tree (``None`` on frozen leaves) for ``extract_delta``.
-    """
-    import sift_jax
-    from train.methods import flatten_paths, unflatten_paths
-
-    api = _delta_api()
-    picked = flatten_paths(sift_jax.selected_indices(opt_state))
-    full = {p: picked.get(p) for p in flatten_paths(base_params)}
-    delta = api.extract_delta(tuned_params, base_params, unflatten_paths(full))
-    api.save_delta(delta, str(path), metadata or {})
-    return str(path)
-
-
 def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
     """Builds the data, evaluates the base model, fine-tunes, evaluates again, saves.
 
@@ -418,9 +391,8 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
     delta_path = None
     if cfg.finetuning_type == "sift" and cfg.save_delta:
         delta_path = save_sift_delta(
+            result,
             base,
-            result.params,
-            result.opt_state,
             out / "sift_delta.safetensors",
             {"base_model": cfg.model_name_or_path, "sparse_rate": cfg.sparse_rate},
         )

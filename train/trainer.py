@@ -406,6 +406,21 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
     return TrainResult(results, losses, params, method, opt_state, frozen)
 
 
+def save_sift_delta(result: TrainResult, base_params: Any, path, metadata=None) -> str:
+    """Writes a SIFT run's increments (``sift_jax`` delta format, safetensors).
+
+    Sparse tensors are stored as their selected indices and increments, dense-trained ones
+    (e.g. the classifier) whole; ``sift_jax.merge_delta(base, sift_jax.load_delta(path))``
+    reproduces ``result.params`` exactly. Works for both SIFT paths.
+    """
+    import sift_jax
+
+    indices = result.method.sparse_indices(result.frozen, result.opt_state)
+    delta = sift_jax.extract_delta(result.params, base_params, indices)
+    sift_jax.save_delta(delta, str(path), metadata or {})
+    return str(path)
+
+
 def _sparse_base(frozen) -> dict:
     base = flatten_paths(frozen["base"])
     return unflatten_paths({p: base[p] for p in flatten_paths(frozen["idx"])})
