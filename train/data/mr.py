@@ -114,7 +114,7 @@ def load_sentences(path: str | Path | None = None) -> tuple[list[str], np.ndarra
 def split_indices(
     ids: np.ndarray, labels: np.ndarray, dev_fraction: float = MR_DEV_FRACTION, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, hash-ranked train/dev split (positions into ``ids``, each sorted).
+    """Stratified, hash-ranked train/dev split (positions into ``ids``, each in a hashed order).
 
     Args:
         ids: unique integer ids of the examples.
@@ -126,6 +126,8 @@ def split_indices(
         >>> tr, dev = split_indices(np.arange(20), np.array([0, 1] * 10))
         >>> len(tr), len(dev), sorted(set(tr) | set(dev)) == list(range(20))
         (18, 2, True)
+        >>> bool((np.diff(tr) > 0).all())  # not sorted: a prefix mixes the classes
+        False
     """
     ids = np.asarray(ids)
     labels = np.asarray(labels)
@@ -137,7 +139,13 @@ def split_indices(
         dev.extend(ranked[: int(round(dev_fraction * len(members)))].tolist())
     dev_idx = np.sort(np.array(dev, dtype=np.int64))
     train_idx = np.setdiff1d(np.arange(len(ids)), dev_idx)
-    return train_idx, dev_idx
+    # The file lists all positive sentences first: order each split by a second hash so that
+    # any prefix (--max_train_samples / --max_eval_samples) has both classes.
+    def shuffled(idx: np.ndarray) -> np.ndarray:
+        keys = [hashlib.sha256(f"order:{seed}:{int(ids[i])}".encode()).hexdigest() for i in idx]
+        return idx[np.argsort(np.array(keys), kind="stable")]
+
+    return shuffled(train_idx), shuffled(dev_idx)
 
 
 def load_mr(
