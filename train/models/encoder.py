@@ -23,6 +23,7 @@ holds all layers stacked on a leading ``[num_hidden_layers]`` dim. ``SIFT`` rege
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, NamedTuple
 
 import jax
@@ -75,6 +76,9 @@ class EncoderConfig:
     def is_roberta(self) -> bool:
         """Whether the RoBERTa embedding/head conventions apply."""
         return self.model_type != "bert"
+
+    def __hash__(self) -> int:  # graphdefs hash their static config (jit static args)
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> EncoderConfig:
