@@ -1,0 +1,17 @@
+"""The ``>>>`` examples in ``train/models`` run (pytest's doctest collection covers only
+``sift_jax``)."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["sharding", "layers", "encoder", "decoder", "functional", "generate", "gguf", "hf"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name, monkeypatch):
+    monkeypatch.chdir(__file__.rsplit("/tests/", 1)[0])  # examples use repo-relative paths
+    mod = importlib.import_module(f"train.models.{name}")
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0
