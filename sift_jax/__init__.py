@@ -17,7 +17,14 @@ from sift_jax._src.delta import (
     unmerge_delta,
     wide_dtype,
 )
-from sift_jax._src.increments import apply_increments, gather_at, init_increments, select_indices
+from sift_jax._src.increments import (
+    apply_increments,
+    gather_at,
+    increment_view,
+    init_increments,
+    select_indices,
+    write_increments,
+)
 from sift_jax._src.masks import leaf_roles, role_tree
 from sift_jax._src.paths import leaves_with_paths, path_to_str
 from sift_jax._src.selection import (
@@ -49,6 +56,7 @@ __all__ = [
     "gather_at",
     "gradient_sparsity",
     "gradient_sparsity_by_group",
+    "increment_view",
     "init_increments",
     "load_delta",
     "load_delta_metadata",
@@ -58,6 +66,7 @@ __all__ = [
     "top_count",
     "unmerge_delta",
     "wide_dtype",
+    "write_increments",
     "count_for_rate",
     "find_states",
     "leaf_roles",

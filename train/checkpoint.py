@@ -166,8 +166,7 @@ class Checkpointer:
 
 def _sparse_like(trainable_base, idx, method):
     """The base tensors (shaped like the selection score) for the compact path's indices."""
-    base = flatten_paths(method.frozen["base"])
-    return unflatten_paths({p: base[p] for p in flatten_paths(idx)})
+    return method.frozen["w"]
 
 
 def _abstract(x):

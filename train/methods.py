@@ -141,6 +141,8 @@ class Method:
     selection_steps: int = 0
     opt_params: Callable[[Params, Params], Params] | None = None
     sparse_indices: Callable[[Params, Any], Params] | None = None
+    post_update: Callable[[Params, Params], Params] | None = None
+    reselect: Callable[[Params, Params], Params] | None = None
 
 
 def _split(params: Params, is_trained: Callable[[str], bool]) -> tuple[Params, Params]:
@@ -241,25 +243,32 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         "delta": unflatten_paths({p: jnp.zeros((ks[p],), jnp.float32) for p in sparse}),
         "dense": unflatten_paths(dense),
     }
+    # "w": the targeted tensors, kept merged (W = base + scatter(delta)) in a buffer that the
+    # step donates and updates in place; "base": every other (frozen) tensor; "sel": the
+    # original values at the selected positions (k each), for exact fp32 increments.
     frozen = {
-        "base": params,
+        "base": unflatten_paths({p: x for p, x in flat.items() if p not in sparse}),
+        "w": unflatten_paths(sparse),
         "idx": unflatten_paths({p: jnp.arange(ks[p], dtype=jnp.int32) for p in sparse}),
+        "sel": unflatten_paths({p: jnp.zeros((ks[p],), x.dtype) for p, x in sparse.items()}),
     }
 
     def combine(t, f):
         out = flatten_paths(f["base"])
-        idx, delta = flatten_paths(f["idx"]), flatten_paths(t["delta"])
-        w = sift_jax.apply_increments({p: out[p] for p in idx}, idx, delta)
-        out.update(w)
+        idx, delta, w = flatten_paths(f["idx"]), flatten_paths(t["delta"]), flatten_paths(f["w"])
+        for p in idx:
+            out[p] = sift_jax.increment_view(w[p], delta[p], idx[p])
         out.update(flatten_paths(t["dense"]))
         return unflatten_paths(out)
 
+    def post_update(t, f):
+        w = sift_jax.write_increments(f["w"], f["idx"], f["sel"], t["delta"])
+        return {**f, "w": w}
+
     def opt_params(t, f):
-        base, idx = flatten_paths(f["base"]), flatten_paths(f["idx"])
-        sel = sift_jax.gather_at({p: base[p] for p in idx}, idx)
-        delta = flatten_paths(t["delta"])
+        sel, delta = flatten_paths(f["sel"]), flatten_paths(t["delta"])
         return {
-            "delta": unflatten_paths({p: sel[p].astype(jnp.float32) + delta[p] for p in idx}),
+            "delta": unflatten_paths({p: sel[p].astype(jnp.float32) + delta[p] for p in sel}),
             "dense": t["dense"],
         }
 
@@ -267,6 +276,10 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         full = {p: None for p in flatten_paths(params)}
         full.update(flatten_paths(f["idx"]))
         return unflatten_paths(full)
+
+    def reselect(f, idx):
+        """Frozen state for new indices (w must still hold the base values)."""
+        return {**f, "idx": idx, "sel": sift_jax.gather_at(f["w"], idx)}
 
     n = sum(ks.values()) + sum(x.size for x in dense.values())
     return Method(
@@ -280,6 +293,8 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         selection_steps=cfg.selection_steps,
         opt_params=opt_params,
         sparse_indices=sparse_indices,
+        post_update=post_update,
+        reselect=reselect,
     )
 
 
@@ -294,10 +309,11 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
     """
     opt = method.optimizer
 
-    def step(trainable, opt_state, frozen, score, batch, rng, last):
+    def step(trainable, opt_state, mut, const, score, batch, rng, last):
+        frozen = {**const, **mut}
         base = flatten_paths(frozen["base"])
         sparse_paths = list(flatten_paths(frozen["idx"]))
-        w_sparse = {p: base[p] for p in sparse_paths}
+        w_sparse = flatten_paths(frozen["w"])  # still the base values: no increment yet
 
         def loss_of(wd, b, r):
             w, dense = wd
@@ -319,7 +335,7 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
                     seed=cfg.seed,
                 )
             )
-            frozen = {"base": frozen["base"], "idx": unflatten_paths(idx)}
+            frozen = method.reselect(frozen, unflatten_paths(idx))
         train_now = last and cfg.update_on_selection
         g_delta = {
             p: (
@@ -337,15 +353,18 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
                 "dense": updates["dense"],
             }
         trainable = optax.apply_updates(trainable, updates)
+        if train_now:
+            frozen = method.post_update(trainable, frozen)
+        mut = {k: v for k, v in frozen.items() if k != "base"}
         return (
             trainable,
             opt_state,
-            frozen,
+            mut,
             score,
             {"loss": loss, "grad_norm": optax.tree.norm(grads)},
         )
 
-    return jax.jit(step, donate_argnums=(0, 1, 3), static_argnums=(6,))
+    return jax.jit(step, donate_argnums=(0, 1, 2, 4), static_argnums=(7,))
 
 
 def lora_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:

@@ -157,7 +157,9 @@ def make_train_step(method: Method, task: Task, accum: int):
     opt = method.optimizer
     accum_grads = make_accum_grads(accum)
 
-    def step(trainable, opt_state, frozen, batch, rng):
+    def step(trainable, opt_state, mut, const, batch, rng):
+        frozen = {**const, **mut} if mut else const
+
         def loss_of(t, b, r):
             params = method.combine(t, frozen)
             return task.loss_fn(task.apply_fn(params, b, r, True), b)
@@ -166,9 +168,21 @@ def make_train_step(method: Method, task: Task, accum: int):
         opt_params = method.opt_params(trainable, frozen) if method.opt_params else trainable
         updates, opt_state = opt.update(grads, opt_state, opt_params)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if method.post_update is not None:
+            frozen = method.post_update(trainable, frozen)
+            mut = {k: v for k, v in frozen.items() if k in mut}
+        return trainable, opt_state, mut, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def split_frozen(method: Method, frozen: Any) -> tuple[dict, Any]:
+    """``(mut, const)``: the frozen-side buffers a step updates in place (donated; copied here
+    so the caller's arrays survive) and the ones it only reads."""
+    if method.post_update is None:
+        return {}, frozen
+    mut = {k: jax.tree.map(jnp.copy, v) for k, v in frozen.items() if k != "base"}
+    return mut, {"base": frozen["base"]}
 
 
 def make_selection_fn(method: Method, task: Task, cfg):
@@ -244,7 +258,8 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
     root = jax.random.key(cfg.seed)
     method = build_method(params, cfg, schedule, jax.random.fold_in(root, 1))
     # Copy what trains: the step donates it, and the caller's arrays must survive.
-    trainable, frozen = jax.tree.map(jnp.copy, method.trainable), method.frozen
+    trainable = jax.tree.map(jnp.copy, method.trainable)
+    mut, const = split_frozen(method, method.frozen)
     opt_state = jax.jit(method.optimizer.init)(trainable)
     num_all = sum(x.size for x in jax.tree.leaves(params))
     del params
@@ -261,10 +276,12 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         if step is None:
             raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {ckpt.directory}.")
         trainable, opt_state, rng, meta, extra = ckpt.restore(
-            step, method, trainable, opt_state, rng, extra_template=_extra(method, frozen, None)
+            step, method, trainable, opt_state, rng, extra_template=_extra(method, mut, None)
         )
         if extra and "idx" in extra:
-            frozen = {**frozen, "idx": extra["idx"]}
+            frozen = method.reselect({**const, **mut}, extra["idx"])
+            frozen = method.post_update(trainable, frozen)
+            mut = {k: v for k, v in frozen.items() if k != "base"}
         start_step = int(meta["step"])
         print(f"Resumed from checkpoint step {start_step} (epoch {meta['epoch']}).")
         _truncate_log(log_path, start_step)
@@ -278,10 +295,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         sel_fn = make_selection_fn(method, task, cfg)
         score = flatten_paths(extra["score"]) if extra and "score" in extra else None
         if score is None:
-            score = {
-                p: jnp.zeros(x.shape, jnp.float32)
-                for p, x in flatten_paths(_sparse_base(frozen)).items()
-            }
+            score = {p: jnp.zeros(x.shape, jnp.float32) for p, x in flatten_paths(mut["w"]).items()}
     accum = cfg.gradient_accumulation_steps
     print(
         f"Fine-tuning ({method.name}) for {total_steps} steps: {task.train_size} examples, "
@@ -304,10 +318,11 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                 t0 = time.perf_counter()
                 if sel_fn is not None and step < method.selection_steps:
                     last = step == method.selection_steps - 1
-                    trainable, opt_state, frozen, score, m = sel_fn(
+                    trainable, opt_state, mut, score, m = sel_fn(
                         trainable,
                         opt_state,
-                        frozen,
+                        mut,
+                        const,
                         score,
                         dev,
                         jax.random.fold_in(rng, step),
@@ -316,8 +331,8 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                     if last:
                         sel_fn = score = None  # the O(n) selection score is no longer needed
                 else:
-                    trainable, opt_state, m = step_fn(
-                        trainable, opt_state, frozen, dev, jax.random.fold_in(rng, step)
+                    trainable, opt_state, mut, m = step_fn(
+                        trainable, opt_state, mut, const, dev, jax.random.fold_in(rng, step)
                     )
                 step += 1
                 loss = float(m["loss"])
@@ -345,7 +360,9 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                     or (cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0)
                 )
                 if do_eval:
-                    metrics = evaluate(method, task, trainable, frozen, cfg, mesh, eval_fn)
+                    metrics = evaluate(
+                        method, task, trainable, _frozen(mut, const), cfg, mesh, eval_fn
+                    )
                     metrics["epoch"] = step / steps_per_epoch
                     rec = {"step": step, **metrics}
                     log.write(json.dumps(rec) + "\n")
@@ -364,7 +381,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                         opt_state,
                         rng,
                         {"step": step, "epoch": step / steps_per_epoch},
-                        extra=_extra(method, frozen, score),
+                        extra=_extra(method, mut, score),
                     )
                 if step >= total_steps or end_of_epoch:
                     break
@@ -375,7 +392,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         and task.eval_sets
         and metrics.get("epoch") != step / steps_per_epoch
     ):
-        metrics = evaluate(method, task, trainable, frozen, cfg, mesh, eval_fn)
+        metrics = evaluate(method, task, trainable, _frozen(mut, const), cfg, mesh, eval_fn)
         metrics["epoch"] = step / steps_per_epoch
     ckpt.save(
         step,
@@ -384,7 +401,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         opt_state,
         rng,
         {"step": step, "epoch": step / steps_per_epoch},
-        extra=_extra(method, frozen, score),
+        extra=_extra(method, mut, score),
     )
     ckpt.close()
     steps_run = step - start_step
@@ -402,6 +419,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         _write_json(out_dir / "eval_results.json", {k: v for k, v in metrics.items()})
         _write_json(out_dir / "all_results.json", results)
         _write_json(out_dir / "train_config.json", asdict(cfg))
+    frozen = _frozen(mut, const)
     params = method.combine(trainable, frozen)
     return TrainResult(results, losses, params, method, opt_state, frozen)
 
@@ -421,9 +439,8 @@ def save_sift_delta(result: TrainResult, base_params: Any, path, metadata=None) 
     return str(path)
 
 
-def _sparse_base(frozen) -> dict:
-    base = flatten_paths(frozen["base"])
-    return unflatten_paths({p: base[p] for p in flatten_paths(frozen["idx"])})
+def _frozen(mut: dict, const: Any) -> Any:
+    return {**const, **mut} if mut else const
 
 
 def _extra(method: Method, frozen, score) -> dict | None:

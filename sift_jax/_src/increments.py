@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sift_jax._src import masks
 from sift_jax._src import selection as selection_lib
@@ -119,5 +120,72 @@ def apply_increments(params: Any, indices: Any, increments: Any) -> Any:
         else:
             out.append(
                 w.at[_unravel(i, w.shape)].set(sel, indices_are_sorted=True, unique_indices=True)
+            )
+    return jax.tree.unflatten(treedef, out)
+
+
+@jax.custom_vjp
+def increment_view(w: jax.Array, delta: jax.Array, idx: jax.Array) -> jax.Array:
+    """``w`` itself in the forward pass; the gradient w.r.t. ``delta`` is ``grad_w[idx]``.
+
+    For training with the merged weight ``w = base + scatter(delta)`` kept up to date outside
+    the differentiated function (e.g. in a donated buffer updated in place by
+    :func:`write_increments` after each optimizer step): the forward reads ``w`` without
+    copying it, and the backward turns the dense weight gradient into the k-vector
+    ``grad_w[idx]`` as soon as it exists. No cotangent flows to ``w`` or ``idx``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w, d, i = jnp.arange(4.0), jnp.zeros(2), jnp.array([1, 3])
+        >>> jax.grad(lambda d: jnp.sum(increment_view(w, d, i) ** 2))(d).tolist()
+        [2.0, 6.0]
+    """
+    del delta, idx
+    return w
+
+
+def _view_fwd(w, delta, idx):
+    return w, (idx, jnp.zeros((0,), w.dtype), jnp.zeros((0,), delta.dtype))
+
+
+def _view_bwd(res, g):
+    idx, w_proto, d_proto = res
+    return (
+        jnp.zeros(g.shape, w_proto.dtype),  # never requested for frozen weights: DCE'd
+        _gather(g, idx).astype(d_proto.dtype),
+        np.zeros(idx.shape, jax.dtypes.float0),
+    )
+
+
+increment_view.defvjp(_view_fwd, _view_bwd)
+
+
+def write_increments(w: Any, indices: Any, selected_base: Any, increments: Any) -> Any:
+    """``w.at[idx].set(round(selected_base + delta))`` per leaf with indices.
+
+    Keeps a merged weight buffer in step with fp32 increments (one rounding from the exact
+    fp32 sum, so small updates accumulate in ``delta`` rather than being lost in ``w``'s
+    dtype). Under ``jit`` with ``w`` donated this is an in-place scatter of ``k`` values.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> write_increments({"w": jnp.zeros(4)}, {"w": jnp.array([0, 2])},
+        ...                  {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([0.5, -1.0])})["w"].tolist()
+        [1.5, 0.0, 0.0, 0.0]
+    """
+    leaves, idx, treedef = _pairs(w, indices)
+    sel = treedef.flatten_up_to(selected_base)
+    inc = treedef.flatten_up_to(increments)
+    out = []
+    for x, i, s, d in zip(leaves, idx, sel, inc, strict=True):
+        if i is None:
+            out.append(x)
+            continue
+        v = (s.astype(d.dtype) + d).astype(x.dtype)
+        if x.ndim == 0:
+            out.append(v.reshape(()))
+        else:
+            out.append(
+                x.at[_unravel(i, x.shape)].set(v, indices_are_sorted=True, unique_indices=True)
             )
     return jax.tree.unflatten(treedef, out)
