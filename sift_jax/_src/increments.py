@@ -169,8 +169,9 @@ def write_increments(w: Any, indices: Any, selected_base: Any, increments: Any) 
 
     Example:
         >>> import jax.numpy as jnp
-        >>> write_increments({"w": jnp.zeros(4)}, {"w": jnp.array([0, 2])},
-        ...                  {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([0.5, -1.0])})["w"].tolist()
+        >>> w, i = {"w": jnp.zeros(4)}, {"w": jnp.array([0, 2])}
+        >>> sel, d = {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([0.5, -1.0])}
+        >>> write_increments(w, i, sel, d)["w"].tolist()
         [1.5, 0.0, 0.0, 0.0]
     """
     leaves, idx, treedef = _pairs(w, indices)

@@ -139,6 +139,7 @@ def split_indices(
         dev.extend(ranked[: int(round(dev_fraction * len(members)))].tolist())
     dev_idx = np.sort(np.array(dev, dtype=np.int64))
     train_idx = np.setdiff1d(np.arange(len(ids)), dev_idx)
+
     # The file lists all positive sentences first: order each split by a second hash so that
     # any prefix (--max_train_samples / --max_eval_samples) has both classes.
     def shuffled(idx: np.ndarray) -> np.ndarray:
