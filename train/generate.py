@@ -4,11 +4,14 @@
 SmolLM2-135M-Instruct through its chat template; ``--delta out/sift_delta.safetensors`` first
 merges the increments saved by ``python -m train.instruct``.
 
-:func:`generate` works with any ``apply_fn(params, input_ids, attention_mask) -> logits``: it
-keeps one fixed-size token buffer per row, right-padded, and at every step runs the full
-forward (no KV cache; simple and exact, fine for the short generations here) inside one
-``jax.jit``-compiled ``lax.fori_loop``. Greedy when ``temperature == 0``, otherwise
-temperature + nucleus (top-p) sampling.
+:func:`generate` takes ``(apply_fn, params)``. For the ``train.models`` decoders (``apply_fn`` a
+:class:`train.models.decoder.DecoderApply`, as :func:`load_decoder` returns) it runs
+:func:`train.models.generate.generate`: left-padded prompts, one prefill and then one token per
+step against a KV cache, all in one ``jax.jit``. Any other
+``apply_fn(params, input_ids, attention_mask) -> logits`` gets the generic loop: one fixed-size
+right-padded buffer per row and the full forward at every step (no cache; exact but quadratic)
+inside a ``lax.fori_loop``. Greedy when ``temperature == 0``, otherwise temperature + nucleus
+(top-p) sampling.
 """
 
 from __future__ import annotations
@@ -50,7 +53,13 @@ class DecoderModel:
 
     @property
     def logits_fn(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        """``(input_ids, attention_mask) -> logits`` with the params bound (jitted)."""
+        """``(input_ids, attention_mask) -> logits`` with the params bound (jitted).
+
+        Example:
+            >>> m = DecoderModel({"w": jnp.ones(3)}, lambda p, i, a: i[..., None] * p["w"], None)
+            >>> m.logits_fn([[1, 2]], [[1, 1]]).shape
+            (1, 2, 3)
+        """
         f = jax.jit(self.apply_fn)
         return lambda ids, mask: f(self.params, jnp.asarray(ids), jnp.asarray(mask))
 
@@ -105,8 +114,9 @@ def generate(
     """Continues each tokenized prompt; returns only the new tokens (cut after EOS).
 
     Args:
-        apply_fn: ``(params, input_ids, attention_mask) -> [b, s, vocab]`` (hashable, e.g. a
-            module-level function: it is a static argument of the jitted loop).
+        apply_fn: a :class:`train.models.decoder.DecoderApply` (KV-cache generation), or any
+            hashable ``(params, input_ids, attention_mask) -> [b, s, vocab]`` (e.g. a
+            module-level function: it is a static argument of the jitted no-cache loop).
         params: the model params.
         prompts: token id lists (different lengths are fine).
         max_new_tokens: tokens generated per prompt.
@@ -115,7 +125,7 @@ def generate(
         temperature: 0 = greedy; otherwise softmax temperature.
         top_p: nucleus sampling mass (with ``temperature > 0``).
         seed: sampling seed.
-        pad_to_multiple_of: buffer width rounding (fewer recompilations).
+        pad_to_multiple_of: prompt / buffer width rounding (fewer recompilations).
 
     Example:
         >>> def count_up(params, ids, mask):  # predicts "previous token + 1"
@@ -125,12 +135,32 @@ def generate(
     """
     if not prompts:
         return []
+    for r, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"Prompt {r} is empty; generation needs at least one token.")
+    graphdef = getattr(apply_fn, "graphdef", None)
+    if graphdef is not None:  # a train.models decoder: prefill + KV-cache steps
+        from flax import nnx
+
+        from train.models import generate as kv
+
+        ids, mask = kv.left_pad(prompts, pad_id, multiple=pad_to_multiple_of)
+        new = kv.generate(
+            nnx.merge(graphdef, params),
+            ids,
+            mask,
+            max_new_tokens,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        ).tolist()
+        return [_cut_at_eos(row, eos_id) for row in new]
     width = max(len(p) for p in prompts) + max_new_tokens
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     ids = np.full((len(prompts), width), pad_id, np.int32)
     for r, p in enumerate(prompts):
-        if not len(p):
-            raise ValueError(f"Prompt {r} is empty; generation needs at least one token.")
         ids[r, : len(p)] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
     out = _generate_jit(
@@ -146,13 +176,15 @@ def generate(
         jnp.float32(top_p),
     )
     out = np.asarray(out)
-    result = []
-    for r, n in enumerate(lengths):
-        new = out[r, n : n + max_new_tokens].tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        result.append(new)
-    return result
+    return [
+        _cut_at_eos(out[r, n : n + max_new_tokens].tolist(), eos_id) for r, n in enumerate(lengths)
+    ]
+
+
+def _cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    return tokens
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool) -> list[int]:
@@ -197,7 +229,13 @@ def merge_delta_file(params: Any, path: str) -> Any:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags :func:`load_model` reads."""
+    """The flags :func:`load_model` reads.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_model_args(p)
+        >>> p.parse_args(["--delta", "d.safetensors"]).model_name_or_path
+        'embedded:smollm2'
+    """
     p.add_argument(
         "--model_name_or_path",
         default=DEFAULT_MODEL,
@@ -209,18 +247,35 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace | Any) -> DecoderModel:
-    """The decoder named by ``args.model_name_or_path`` with ``args.delta`` merged in."""
+    """The decoder named by ``args.model_name_or_path`` with ``args.delta`` merged in.
+
+    Example:
+        >>> args = argparse.Namespace(model_name_or_path="embedded:smollm2",
+        ...                           delta="out/sift_delta.safetensors")
+        >>> model = load_model(args)  # doctest: +SKIP
+    """
     model = load_decoder(args.model_name_or_path, getattr(args, "dtype", "float32"))
     if getattr(args, "delta", None):
         model.params = merge_delta_file(model.params, args.delta)
     return model
 
 
-def load_decoder(name: str, dtype: str = "float32") -> DecoderModel:
-    """Loads a LLaMA-family decoder through ``train.models`` as a :class:`DecoderModel`."""
-    from train.models import decoder as dec  # the model helper's module
+def load_decoder(name: str, dtype: str = "float32", remat: bool = False) -> DecoderModel:
+    """Loads a LLaMA-family decoder through ``train.models`` as a :class:`DecoderModel`.
 
-    loaded = dec.load_pretrained(name, dtype=dtype)
+    Args:
+        name: ``"embedded:smollm2"``, a ``.gguf`` file, or an HF LLaMA-family directory / id.
+        dtype: ``"float32"`` or ``"bfloat16"`` (parameters and compute).
+        remat: recompute each layer's activations in backward (gradient checkpointing).
+
+    Example:
+        >>> m = load_decoder("embedded:smollm2")  # doctest: +SKIP
+        >>> m.apply_fn(m.params, ids, mask).shape  # doctest: +SKIP
+        (1, 7, 49152)
+    """
+    from train.models import decoder as dec
+
+    loaded = dec.load_pretrained(name, dtype=dtype, remat=remat)
     return DecoderModel(
         params=loaded.params,
         apply_fn=loaded.apply_fn,
@@ -231,7 +286,11 @@ def load_decoder(name: str, dtype: str = "float32") -> DecoderModel:
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
-    """``python -m train.generate``: prints one completion per prompt."""
+    """``python -m train.generate``: prints one completion per prompt and returns them.
+
+    Example:
+        >>> main(["--prompt", "Name a fruit.", "--max_new_tokens", "8"])  # doctest: +SKIP
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=None, help="A prompt (repeatable).")
