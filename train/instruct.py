@@ -16,6 +16,7 @@ next-token logits of the two answers after the prompt. ``--mmlu_dir`` adds an MM
 
 Example:
     python -m train.instruct                                  # offline demo, SmolLM2-135M
+    # (measured: 2-core CPU, see docs/instruct.md for the numbers and the Llama-7B recipe)
     python -m train.instruct --data_path alpaca_data.json --mmlu_dir data/mmlu \\
         --num_train_epochs 3 --per_device_train_batch_size 4 --gradient_accumulation_steps 32 \\
         --model_max_length 512 --output_dir outputs/alpaca
@@ -42,11 +43,18 @@ from train.trainer import Task, save_sift_delta, train
 PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 REVIEW_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
 REVIEW_ANSWERS = ("negative", "positive")  # label 0, label 1
+DEMO_TRAIN_SAMPLES = 480  # offline demo's training set size when --max_train_samples is unset
 
 
 @dataclass
 class InstructConfig(TrainConfig):
-    """Trainer flags with instruction-tuning defaults (the paper's Llama recipe) and extras."""
+    """Trainer flags with instruction-tuning defaults (the paper's Llama recipe) and extras.
+
+    Example:
+        >>> cfg = InstructConfig(max_steps=2)
+        >>> cfg.sparse_rate, cfg.learning_rate, cfg.prompt_template
+        (0.05, 0.0002, 'chat')
+    """
 
     model_name_or_path: str = _f(
         "embedded:smollm2",
@@ -91,7 +99,11 @@ class InstructConfig(TrainConfig):
     num_train_epochs: float = _f(1.0, "Epochs (the paper: 3 on Alpaca).")
     per_device_train_batch_size: int = _f(8, "Training sequences per device per step.")
     per_device_eval_batch_size: int = _f(16, "Evaluation sequences per device.")
-    max_train_samples: int | None = _f(800, "Keep only the first N training examples.")
+    max_train_samples: int | None = _f(
+        None,
+        "Keep only the first N training examples (0: all). Default: all of --data_path, "
+        f"{DEMO_TRAIN_SAMPLES} for the offline review demo (59 steps of 8, ~10 min on 2 cores).",
+    )
     max_eval_samples: int | None = _f(None, "Keep only the first N evaluation examples.")
     lora_targets: list[str] = _f([r"(q|v)_proj"], "LoRA: regexes of kernels with adapters.")
     lora_exception: list[str] = _f([], "LoRA: regexes of tensors trained densely.")
@@ -164,6 +176,14 @@ class ClassificationSet:
     labels: np.ndarray
 
     def batches(self, bs: int):
+        """Batches of ``bs`` rows; the last is padded and ``example_mask`` marks real rows.
+
+        Example:
+            >>> c = ClassificationSet(np.zeros((3, 8), np.int32), np.ones((3, 8), np.int32),
+            ...                       np.full(3, 7), np.array([0, 1, 1]))
+            >>> [b["example_mask"].tolist() for b in c.batches(2)]
+            [[1, 1], [1, 0]]
+        """
         n = len(self.labels)
         for s in range(0, n, bs):
             idx = np.arange(s, min(s + bs, n))
@@ -181,7 +201,18 @@ class ClassificationSet:
 def classification_set(
     tokenizer, records: Sequence[dict], labels: Sequence[int], template: str, max_length: int
 ) -> ClassificationSet:
-    """Encodes each record's prompt exactly as training does (everything before the response)."""
+    """Encodes each record's prompt exactly as training does (everything before the response).
+
+    Prompts longer than ``max_length`` keep their last ``max_length`` tokens; rows are
+    right-padded to a multiple of 8 and ``last_index`` is each prompt's last token.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained("tests/fixtures/instruct/tokenizer")
+        >>> c = classification_set(tok, [make_review_record("Fun.", 1)], [1], "chat", 96)
+        >>> tok.decode(c.input_ids[0, : c.last_index[0] + 1]).endswith("assistant\\n")
+        True
+    """
     prompts = []
     for r in records:
         ids, la = idata.encode_record(tokenizer, r, template)
@@ -198,7 +229,18 @@ def classification_set(
 
 
 def score_classification(model: DecoderModel, params, cset: ClassificationSet, answer_ids, bs: int):
-    """Accuracy of ``argmax(logit[positive], logit[negative])`` at the last prompt token."""
+    """Accuracy of ``argmax(logit[positive], logit[negative])`` at the last prompt token.
+
+    Args:
+        model: the decoder (its ``apply_fn`` is called with ``params``).
+        params: the parameters to score.
+        cset: prompts and labels from :func:`classification_set`.
+        answer_ids: ``(negative, positive)`` first tokens, from :func:`answer_token_ids`.
+        bs: prompts per forward.
+
+    Example:
+        >>> acc = score_classification(model, model.params, cset, answer_ids, 16)  # doctest: +SKIP
+    """
 
     @jax.jit
     def margins(params, batch):
@@ -238,6 +280,10 @@ def build_task(
     Training minimises :func:`train.instruct_data.response_loss`; evaluation reports
     ``eval_loss`` / ``eval_perplexity`` on ``eval_arrays`` and ``eval_accuracy`` on the
     classification set ``cset`` (the review demo).
+
+    Example:
+        >>> arrays = idata.tokenize_records(model.tokenizer, records, 96, "chat")  # doctest: +SKIP
+        >>> result = train(cfg, build_task(model, cfg, arrays), model.params)  # doctest: +SKIP
     """
     packing = cfg.packing
     if packing and not model.supports_packing:
@@ -331,12 +377,23 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
             ``cfg.model_name_or_path``).
 
     Returns:
-        The results dict (also written to ``<output_dir>/instruct_results.json``).
+        The results dict (also written to ``<output_dir>/instruct_results.json``):
+        ``before`` / ``after`` metrics, ``train`` metrics, the ``delta`` path, ``wall_time_s``.
+
+    Example:
+        >>> res = run(InstructConfig(max_steps=2, output_dir="/tmp/x"))  # doctest: +SKIP
+        >>> res["before"]["eval_accuracy"], res["after"]["eval_accuracy"]  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    model = model or load_decoder(cfg.model_name_or_path, cfg.dtype)
+    dtype = "bfloat16" if cfg.bf16 else cfg.dtype
+    model = model or load_decoder(cfg.model_name_or_path, dtype, remat=cfg.gradient_checkpointing)
     tok = model.tokenizer
     cset = answer_ids = eval_arrays = None
+    max_train = cfg.max_train_samples
+    if max_train is None and not cfg.data_path:
+        max_train = DEMO_TRAIN_SAMPLES
+    if max_train is not None and max_train <= 0:
+        max_train = None
     if cfg.data_path:
         recs = idata.load_records(cfg.data_path, max_samples=None)
         if cfg.eval_data_path:
@@ -345,12 +402,12 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
             recs, eval_recs = _split(recs, cfg.val_set_size, cfg.seed)
         labels = None
     else:
-        total = (cfg.max_train_samples or 10**9) + cfg.val_set_size
+        total = None if max_train is None else max_train + cfg.val_set_size
         recs, labels = review_records(total, cfg.seed)
         eval_recs, eval_labels = recs[: cfg.val_set_size], labels[: cfg.val_set_size]
         recs = recs[cfg.val_set_size :]
-    if cfg.max_train_samples is not None:
-        recs = recs[: cfg.max_train_samples]
+    if max_train is not None:
+        recs = recs[:max_train]
     if cfg.max_eval_samples is not None:
         eval_recs = eval_recs[: cfg.max_eval_samples]
     train_arrays = idata.tokenize_records(
@@ -415,7 +472,11 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Parses flags (see ``--help``) and runs :func:`run`."""
+    """Parses flags (see ``--help``) and runs :func:`run`.
+
+    Example:
+        >>> main(["--max_steps", "2", "--output_dir", "/tmp/x"])  # doctest: +SKIP
+    """
     cfg = parse_args(argv, InstructConfig, description=__doc__.split("\n\n")[0])
     return run(cfg)
 

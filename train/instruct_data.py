@@ -329,7 +329,13 @@ class InstructArrays:
         return len(self.input_ids)
 
     def batch(self, idx: np.ndarray, packed: bool = False) -> dict[str, np.ndarray]:
-        """Rows ``idx`` as a batch dict (segments/positions only when ``packed``)."""
+        """Rows ``idx`` as a batch dict (segments/positions only when ``packed``).
+
+        Example:
+            >>> a = build_arrays([([5, 6], [-100, 6])], 8, 0)
+            >>> sorted(a.batch(np.array([0]), packed=True))
+            ['attention_mask', 'input_ids', 'labels', 'positions', 'segment_ids']
+        """
         out = {
             "input_ids": self.input_ids[idx],
             "labels": self.labels[idx],

@@ -176,6 +176,14 @@ def encode_prompt(
 
     Returns:
         ``(ids, shots_used)``; a zero-shot prompt still too long keeps its last tokens.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> tok = AutoTokenizer.from_pretrained("tests/fixtures/instruct/tokenizer")
+        >>> q = Question("2+2?", ("1", "2", "3", "4"), "D")
+        >>> ids, k = encode_prompt(tok, "math", q, [q, q], max_length=10_000)
+        >>> k, tok.decode(ids).endswith("Answer:")
+        (2, True)
     """
     k = len(shots)
     while True:
@@ -200,7 +208,12 @@ class MMLUResult:
     predictions: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
-        """JSON-friendly metrics (``mmlu_average``, ``mmlu_<subject>``, ...)."""
+        """JSON-friendly metrics (``mmlu_average``, ``mmlu_<subject>``, ...).
+
+        Example:
+            >>> MMLUResult({"virology": 0.5}, 0.5, 0.5, 2, 0).as_dict()["mmlu_virology"]
+            0.5
+        """
         out = {
             "mmlu_average": self.average,
             "mmlu_macro_average": self.macro_average,
@@ -329,7 +342,11 @@ def evaluate_mmlu(
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m train.mmlu --mmlu_dir DIR [--model_name_or_path M] [--delta D]``."""
+    """``python -m train.mmlu --mmlu_dir DIR [--model_name_or_path M] [--delta D]``.
+
+    Example:
+        >>> main(["--mmlu_dir", "data/mmlu", "--delta", "d.safetensors"])  # doctest: +SKIP
+    """
     from train import generate as gen
 
     p = argparse.ArgumentParser(description="MMLU evaluation of a (SIFT-tuned) decoder.")
