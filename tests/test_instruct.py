@@ -1,98 +1,36 @@
-"""``train.instruct`` end to end on a tiny random LLaMA: methods, packing, resume, generation."""
+"""``train.instruct`` end to end on the real decoder's tiny random config (``LlamaConfig.tiny``,
+the real functional forward and KV-cache generation): methods, packing, resume, generation."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from transformers import AutoTokenizer
 
 import sift_jax
 from train import instruct
 from train.generate import DecoderModel, generate
 from train.instruct import InstructConfig, run
-from train.instruct_data import segment_attention_mask
+from train.instruct_data import IGNORE_INDEX, response_loss
 from train.methods import flatten_paths
+from train.models.decoder import DecoderApply, LlamaConfig, LlamaForCausalLM
 
 FIX = Path(__file__).parent / "fixtures"
-V, D, LAYERS, HEADS, HD, FF = 512, 32, 2, 4, 8, 64
+# vocab of the fixture tokenizer; a wide init so greedy argmaxes are far from ties
+CFG = LlamaConfig.tiny(vocab_size=512, max_position_embeddings=256, initializer_range=0.2)
+D, FF = CFG.hidden_size, CFG.intermediate_size
+Q, KV = CFG.num_attention_heads * CFG.head_dim, CFG.num_key_value_heads * CFG.head_dim
 
 
-# --------------------------------------------------------------- a tiny stand-in LLaMA
-
-
-def tiny_llama_params(seed: int = 0) -> dict:
-    keys = iter(jax.random.split(jax.random.key(seed), 64))
-    dense = lambda i, o: {"kernel": jax.random.normal(next(keys), (i, o)) * (0.5 / np.sqrt(i))}
-    layers = {
-        str(i): {
-            "input_layernorm": {"scale": jnp.ones(D)},
-            "self_attn": {
-                "q_proj": dense(D, HEADS * HD),
-                "k_proj": dense(D, HEADS * HD),
-                "v_proj": dense(D, HEADS * HD),
-                "o_proj": dense(HEADS * HD, D),
-            },
-            "post_attention_layernorm": {"scale": jnp.ones(D)},
-            "mlp": {"gate_proj": dense(D, FF), "up_proj": dense(D, FF), "down_proj": dense(FF, D)},
-        }
-        for i in range(LAYERS)
-    }
-    emb = jax.random.normal(next(keys), (V, D)) * 0.5
-    return {
-        "model": {
-            "embed_tokens": {"embedding": emb},
-            "layers": layers,
-            "norm": {"scale": jnp.ones(D)},
-        }
-    }
-
-
-def _rms(x, scale):
-    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * scale
-
-
-def _rope(x, pos):
-    half = HD // 2
-    freq = 1.0 / (10000 ** (jnp.arange(half) / half))
-    ang = pos[..., None, None] * freq
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate(
-        [x1 * jnp.cos(ang) - x2 * jnp.sin(ang), x1 * jnp.sin(ang) + x2 * jnp.cos(ang)], -1
-    )
-
-
-def tiny_llama_apply(params, input_ids, attention_mask, segment_ids=None, positions=None):
-    b, s = input_ids.shape
-    p = params["model"]
-    x = p["embed_tokens"]["embedding"][input_ids]
-    if segment_ids is None:
-        positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-        mask = jnp.tril(jnp.ones((s, s), bool))[None, None] & (attention_mask[:, None, None, :] > 0)
-    else:
-        mask = segment_attention_mask(segment_ids)
-    for i in range(LAYERS):
-        lyr = p["layers"][str(i)]
-        h = _rms(x, lyr["input_layernorm"]["scale"])
-        a = lyr["self_attn"]
-        q, k, v = (
-            (h @ a[n]["kernel"]).reshape(b, s, HEADS, HD) for n in ("q_proj", "k_proj", "v_proj")
-        )
-        q, k = _rope(q, positions), _rope(k, positions)
-        sc = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(HD)
-        w = jax.nn.softmax(jnp.where(mask, sc, -1e9), -1)
-        o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, s, HEADS * HD)
-        x = x + o @ a["o_proj"]["kernel"]
-        h = _rms(x, lyr["post_attention_layernorm"]["scale"])
-        m = lyr["mlp"]
-        x = (
-            x
-            + (jax.nn.silu(h @ m["gate_proj"]["kernel"]) * (h @ m["up_proj"]["kernel"]))
-            @ m["down_proj"]["kernel"]
-        )
-    return _rms(x, p["norm"]["scale"]) @ p["embed_tokens"]["embedding"].T
+def tiny_parts(seed: int = 0):
+    """``(DecoderApply, params)`` of a randomly initialised tiny LLaMA."""
+    graphdef, state = nnx.split(LlamaForCausalLM(CFG, rngs=nnx.Rngs(seed)), nnx.Param)
+    return DecoderApply(graphdef), nnx.to_pure_dict(state)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +38,9 @@ def tok():
     return AutoTokenizer.from_pretrained(FIX / "instruct" / "tokenizer")
 
 
-def tiny_model(tok, seed=0):
-    return DecoderModel(tiny_llama_params(seed), tiny_llama_apply, tok, True, "tiny")
+def tiny_model(tok, seed=0, supports_packing=True):
+    apply_fn, params = tiny_parts(seed)
+    return DecoderModel(params, apply_fn, tok, supports_packing, "tiny")
 
 
 # A small sentiment set the tiny model can learn: the label is in the wording.
@@ -121,7 +60,7 @@ def cfg_for(tmp_path, **kw):
         max_train_samples=32,
         val_set_size=16,
         model_max_length=48,
-        max_steps=6,
+        max_steps=4,
         learning_rate=1e-2,
         warmup_ratio=0.0,
         logging_steps=1,
@@ -138,6 +77,11 @@ def reviews(monkeypatch):
     monkeypatch.setattr(instruct, "review_records", lambda n, seed: fake_reviews())
 
 
+def _losses(run_dir: Path) -> list[float]:
+    log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in log if "loss" in r]
+
+
 def test_config_defaults_are_the_paper_recipe():
     cfg = InstructConfig()
     assert (cfg.sparse_rate, cfg.learning_rate, cfg.warmup_ratio) == (0.05, 2e-4, 0.03)
@@ -149,20 +93,11 @@ def test_config_defaults_are_the_paper_recipe():
     assert not re.search(cfg.sparse_module[0], "model/embed_tokens/embedding")
 
 
-@pytest.mark.parametrize("ftype", ["sift", "full", "lora"])
-def test_each_method_tunes_the_review_task(tmp_path, tok, reviews, ftype):
-    model = tiny_model(tok)
-    res = run(cfg_for(tmp_path, finetuning_type=ftype), model)
-    out = json.loads((tmp_path / "run" / "instruct_results.json").read_text())
-    assert out["before"]["eval_accuracy"] == res["before"]["eval_accuracy"]
-    assert 0.0 <= out["after"]["eval_accuracy"] <= 1.0
-    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in log if "loss" in r]
-    assert len(losses) == 6 and losses[-1] < losses[0]
-    assert out["train"]["finetuning_type"] == ftype
-
-
-def test_sift_changes_only_selected_projection_entries(tmp_path, tok, reviews, monkeypatch):
+@pytest.fixture(scope="module")
+def sift_run(tmp_path_factory, tok):
+    """One uninterrupted SIFT run (checkpoint every 2 steps), shared by the tests below:
+    ``(results, TrainResult, base params as numpy, run directory)``."""
+    root = tmp_path_factory.mktemp("sift")
     model = tiny_model(tok)
     base = jax.tree.map(np.asarray, model.params)
     seen = {}
@@ -172,28 +107,73 @@ def test_sift_changes_only_selected_projection_entries(tmp_path, tok, reviews, m
         seen["res"] = orig(cfg, task, params, **kw)
         return seen["res"]
 
-    monkeypatch.setattr(instruct, "train", spy)
-    run(cfg_for(tmp_path), model)
-    tuned = flatten_paths(seen["res"].params)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(instruct, "review_records", lambda n, seed: fake_reviews())
+        mp.setattr(instruct, "train", spy)
+        res = run(cfg_for(root, save_steps=2), model)
+    return res, seen["res"], base, root / "run"
+
+
+def _check_run(run_dir: Path, res: dict, ftype: str) -> None:
+    out = json.loads((run_dir / "instruct_results.json").read_text())
+    assert out["before"]["eval_accuracy"] == res["before"]["eval_accuracy"]
+    assert 0.0 <= out["after"]["eval_accuracy"] <= 1.0
+    losses = _losses(run_dir)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert out["train"]["finetuning_type"] == ftype
+
+
+@pytest.mark.parametrize("ftype", ["full", "lora"])
+def test_full_and_lora_tune_the_review_task(tmp_path, tok, reviews, ftype):
+    res = run(cfg_for(tmp_path, finetuning_type=ftype), tiny_model(tok))
+    _check_run(tmp_path / "run", res, ftype)
+
+
+def test_sift_tunes_only_selected_projection_entries_and_saves_an_exact_delta(sift_run):
+    res, result, base, run_dir = sift_run
+    _check_run(run_dir, res, "sift")
+    _check_sift_changes_only_selected_entries(result, base, run_dir)
+
+
+def _check_sift_changes_only_selected_entries(res, base, run_dir):
+    tuned = flatten_paths(res.params)
     for path, w0 in flatten_paths(base).items():
         changed = int((np.asarray(tuned[path]) != w0).sum())
         if path.endswith("_proj/kernel"):
             assert 0 < changed <= sift_jax.count_for_rate(0.05, w0.size), path
         else:
             assert changed == 0, path
-    per_layer = 4 * sift_jax.count_for_rate(0.05, D * HEADS * HD)  # q, k, v, o
-    per_layer += 3 * sift_jax.count_for_rate(0.05, D * FF)  # gate, up, down
-    k = LAYERS * per_layer
-    assert seen["res"].metrics["trainable_params"] == k
+    c = lambda n: sift_jax.count_for_rate(0.05, n)  # noqa: E731
+    per_layer = 2 * c(D * Q) + 2 * c(D * KV) + 3 * c(D * FF)  # q, o; k, v; gate, up, down
+    assert res.metrics["trainable_params"] == CFG.num_hidden_layers * per_layer
     # The saved delta turns the base model into the tuned one, bit for bit.
     from train.generate import merge_delta_file
 
-    merged = flatten_paths(merge_delta_file(base, str(tmp_path / "run" / "sift_delta.safetensors")))
+    merged = flatten_paths(merge_delta_file(base, str(run_dir / "sift_delta.safetensors")))
     for path, w in tuned.items():
         np.testing.assert_array_equal(np.asarray(merged[path]), np.asarray(w), err_msg=path)
 
 
-def test_alpaca_file_with_packing_reports_eval_loss(tmp_path, tok):
+def test_loss_is_on_the_response_tokens_only_hand_checked(tok):
+    """The training loss of one chat example equals the mean NLL of exactly the tokens of
+    ``negative<|im_end|>\\n`` (computed by hand from the real forward's logits)."""
+    model = tiny_model(tok)
+    rec = instruct.make_review_record("dull", 0)
+    arr = instruct.idata.tokenize_records(tok, [rec], 64, "chat")
+    ids, labels = arr.input_ids[0], arr.labels[0]
+    resp = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+    assert tok.decode(ids[resp]) == "negative<|im_end|>\n"
+    assert tok.decode(ids[: resp[0]]).endswith("<|im_start|>assistant\n")
+    logits = np.asarray(
+        model.apply_fn(model.params, jnp.asarray(arr.input_ids), jnp.asarray(arr.attention_mask))
+    )[0].astype(np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    by_hand = np.mean([logz[i - 1] - logits[i - 1, ids[i]] for i in resp])
+    got = float(response_loss(jnp.asarray(logits[None]), jnp.asarray(arr.labels)))
+    np.testing.assert_allclose(got, by_hand, rtol=1e-5)
+
+
+def test_alpaca_file_with_packing_reports_eval_loss_and_mmlu(tmp_path, tok):
     recs = [
         {"instruction": f"Repeat the word {w}.", "input": "", "output": w}
         for w in ["apple", "blue", "sky", "France", "Paris", "two"] * 6
@@ -209,24 +189,32 @@ def test_alpaca_file_with_packing_reports_eval_loss(tmp_path, tok):
         val_set_size=6,
         per_device_train_batch_size=2,
         max_steps=4,
+        mmlu_dir=str(FIX / "mmlu"),
     )
     res = run(cfg, tiny_model(tok))
     assert np.isfinite(res["after"]["eval_loss"]) and res["after"]["eval_perplexity"] > 1
+    for when in ("before", "after"):  # MMLU through the real forward, before and after
+        assert res[when]["mmlu_num_questions"] == 8
+        assert 0.0 <= res[when]["mmlu_average"] <= 1.0
 
 
 def test_packing_needs_a_segment_aware_model(tmp_path, tok, reviews):
-    model = DecoderModel(tiny_llama_params(), tiny_llama_apply, tok, False)
     with pytest.raises(ValueError, match="--packing needs a model forward"):
-        run(cfg_for(tmp_path, packing=True), model)
+        run(cfg_for(tmp_path, packing=True), tiny_model(tok, supports_packing=False))
 
 
-def test_packed_rows_match_unpacked_logits(tok):
+def test_packed_rows_match_unpacked_logits():
     """Segment masking + position reset make a packed row equal to separate rows."""
-    params = tiny_llama_params()
+    apply_fn, params = tiny_parts()
     a, b = [3, 17, 42, 9, 11], [5, 6, 7]
-    sep_a = tiny_llama_apply(params, jnp.array([a]), jnp.ones((1, 5), jnp.int32))
-    sep_b = tiny_llama_apply(params, jnp.array([b]), jnp.ones((1, 3), jnp.int32))
-    packed = jax.jit(tiny_llama_apply)(
+    f = jax.jit(apply_fn)
+    sep = f(
+        params,
+        jnp.array([a + [0] * 3, b + [0] * 5]),
+        jnp.array([[1] * 5 + [0] * 3, [1] * 3 + [0] * 5]),
+    )
+    sep_a, sep_b = sep[:1, :5], sep[1:, :3]
+    packed = f(
         params,
         jnp.array([a + b]),
         jnp.ones((1, 8), jnp.int32),
@@ -237,8 +225,8 @@ def test_packed_rows_match_unpacked_logits(tok):
     np.testing.assert_allclose(packed[0, 5:], sep_b[0], atol=1e-5)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tok, reviews, monkeypatch):
-    full = run(cfg_for(tmp_path / "full", save_steps=3), tiny_model(tok))
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tok, reviews, monkeypatch, sift_run):
+    full, _, _, full_dir = sift_run
     orig = instruct.build_task
     seen = {"n": 0}
 
@@ -248,7 +236,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tok, reviews, mon
 
         def batches(epoch, start, bs):
             for b in inner(epoch, start, bs):
-                if seen["n"] == 4:  # dies during step 5, after the step-3 checkpoint
+                if seen["n"] == 3:  # dies during step 4, after the step-2 checkpoint
                     raise KeyboardInterrupt
                 seen["n"] += 1
                 yield b
@@ -258,52 +246,49 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tok, reviews, mon
 
     monkeypatch.setattr(instruct, "build_task", killing_task)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg_for(tmp_path / "killed", save_steps=3), tiny_model(tok))
+        run(cfg_for(tmp_path, save_steps=2), tiny_model(tok))
     monkeypatch.setattr(instruct, "build_task", orig)
-    resumed = run(
-        cfg_for(tmp_path / "killed", save_steps=3, resume_from_checkpoint="latest"),
-        tiny_model(tok),
-    )
-    logs = [
-        [json.loads(x) for x in (tmp_path / d / "run" / "train_log.jsonl").read_text().splitlines()]
-        for d in ("full", "killed")
-    ]
-    np.testing.assert_allclose(
-        [r["loss"] for r in logs[1] if "loss" in r],
-        [r["loss"] for r in logs[0] if "loss" in r],
-        rtol=1e-5,
-    )
+    resumed = run(cfg_for(tmp_path, save_steps=2, resume_from_checkpoint="latest"), tiny_model(tok))
+    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(full_dir), rtol=1e-5)
     assert resumed["after"]["eval_accuracy"] == full["after"]["eval_accuracy"]
 
 
-_apply_jit = jax.jit(tiny_llama_apply)
-
-
-def _manual_greedy(params, prompt, n):
+def _manual_greedy(apply_fn, params, prompt, n):
+    """Greedy decoding by re-running the full (no-cache) forward on the growing sequence."""
     ids = list(prompt)
     for _ in range(n):
-        logits = _apply_jit(params, jnp.array([ids]), jnp.ones((1, len(ids)), jnp.int32))
-        ids.append(int(jnp.argmax(logits[0, -1])))
+        buf = np.zeros((1, 32), np.int32)
+        buf[0, : len(ids)] = ids
+        logits = _apply_jit(apply_fn, params, buf, (buf > -1) & (np.arange(32) < len(ids)))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
     return ids[len(prompt) :]
 
 
-def test_greedy_generation_is_deterministic_and_exact(tok):
-    params = tiny_llama_params()
+@partial(jax.jit, static_argnums=0)
+def _apply_jit(apply_fn, params, ids, mask):
+    return apply_fn(params, ids, mask.astype(jnp.int32))
+
+
+def test_greedy_kv_cache_generation_is_deterministic_and_exact():
+    apply_fn, params = tiny_parts()
     prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 7]]  # different lengths in one batch
-    out1 = generate(tiny_llama_apply, params, prompts, max_new_tokens=6)
-    out2 = generate(tiny_llama_apply, params, prompts, max_new_tokens=6)
+    out1 = generate(apply_fn, params, prompts, max_new_tokens=6)
+    out2 = generate(apply_fn, params, prompts, max_new_tokens=6)
     assert out1 == out2
-    assert out1 == [_manual_greedy(params, p, 6) for p in prompts]
-    # Sampling: fixed seed reproduces; a tiny top_p is greedy.
-    s1 = generate(tiny_llama_apply, params, prompts, 6, temperature=1.0, seed=3)
-    assert s1 == generate(tiny_llama_apply, params, prompts, 6, temperature=1.0, seed=3)
-    assert generate(tiny_llama_apply, params, prompts, 6, temperature=1.0, top_p=1e-6) == out1
+    assert out1 == [_manual_greedy(apply_fn, params, p, 6) for p in prompts]
+    # The generic (no-cache) loop for other apply functions agrees with the KV-cache path.
+    no_cache = lambda p, i, m: apply_fn(p, i, m)  # noqa: E731 - not a DecoderApply
+    assert generate(no_cache, params, prompts, max_new_tokens=6) == out1
+    # Sampling: a fixed seed reproduces; a tiny top_p is greedy.
+    s1 = generate(apply_fn, params, prompts, 6, temperature=1.0, seed=3)
+    assert s1 == generate(apply_fn, params, prompts, 6, temperature=1.0, seed=3)
+    assert generate(apply_fn, params, prompts, 6, temperature=1.0, top_p=1e-6) == out1
 
 
-def test_generation_stops_at_eos(tok):
-    params = tiny_llama_params()
-    first = _manual_greedy(params, [1, 7], 1)[0]
-    out = generate(tiny_llama_apply, params, [[1, 7]], max_new_tokens=5, eos_id=first)
+def test_generation_stops_at_eos():
+    apply_fn, params = tiny_parts()
+    first = _manual_greedy(apply_fn, params, [1, 7], 1)[0]
+    out = generate(apply_fn, params, [[1, 7]], max_new_tokens=5, eos_id=first)
     assert out == [[first]]
 
 
@@ -332,10 +317,7 @@ def test_generate_cli_uses_the_chat_template(tok, monkeypatch, capsys):
     from train import generate as gen
 
     monkeypatch.setattr(gen, "load_model", lambda args: tiny_model(tok))
-    texts = gen.main(
-        ["--prompt", "hi", "--prompt", "What is the capital?", "--max_new_tokens", "4"]
-    )
-    assert len(texts) == 2 and texts == gen.main(
-        ["--prompt", "hi", "--prompt", "What is the capital?", "--max_new_tokens", "4"]
-    )
+    argv = ["--prompt", "hi", "--prompt", "What is the capital?", "--max_new_tokens", "4"]
+    texts = gen.main(argv)
+    assert len(texts) == 2 and texts == gen.main(argv)
     assert "### Prompt:\nhi\n### Response:\n" in capsys.readouterr().out
