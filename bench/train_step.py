@@ -1,0 +1,142 @@
+"""Training throughput (examples/s) of full FT, LoRA, SIFT simple and SIFT compact, one process.
+
+Run: ``python -m bench.train_step [--model minilm|bert-base] [--batch 32] [--seq 48]``
+
+Each method runs the trainer's own jitted step (``train.trainer.make_train_step``, donated
+state) on the same fixed batch; the first steps (compilation, and for SIFT the selection step)
+are excluded. Ratios are against full fine-tuning measured here. ``minilm`` is the packaged
+pretrained MiniLM-L6 (weights do not change speed; ``--random_init`` builds the same shape
+without loading them, e.g. on a machine without the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from bench.memory import MODELS, lora_rank_matching
+from train.config import TrainConfig
+from train.methods import build_method, flatten_paths, make_schedule
+from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
+from train.models.functional import functional_apply, split_params
+from train.trainer import Task, make_selection_fn, make_train_step, split_frozen
+
+SPARSE = r"attention/(query|key|value|output)/"
+MINILM = EncoderConfig(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+)
+
+
+def load(model: str, random_init: bool):
+    if model == "minilm" and not random_init:
+        from train.encoder_io import load_classifier
+
+        b = load_classifier("embedded:minilm", num_labels=2)
+        return b.graphdef, b.params, "packaged pretrained MiniLM-L6"
+    cfg = MINILM if model == "minilm" else MODELS[model]["cfg"]
+    graphdef, params = split_params(EncoderForSequenceClassification(cfg, rngs=nnx.Rngs(0)))
+    return graphdef, params, f"{model}-shaped, random init"
+
+
+def run_method(graphdef, params, ftype, batch, steps, rate, sift_path="compact", rank=8):
+    cfg = TrainConfig(
+        finetuning_type=ftype,
+        sparse_rate=rate,
+        sparse_module=[SPARSE],
+        sparse_exception=["classifier"],
+        lora_targets=[SPARSE],
+        lora_exception=["classifier"],
+        lora_rank=rank,
+        sift_path=sift_path,
+    )
+    method = build_method(params, cfg, make_schedule(1e-4, 1000, 0.0), jax.random.key(0))
+
+    def apply_fn(p, b, rng, train):
+        return functional_apply(
+            graphdef,
+            p,
+            None,
+            b["input_ids"],
+            b["attention_mask"],
+            b["token_type_ids"],
+            deterministic=not train,
+            rngs=nnx.Rngs(dropout=rng) if train else None,
+        )
+
+    def loss_fn(logits, b):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
+
+    task = Task(apply_fn, loss_fn, 1, None)
+    trainable = jax.tree.map(jnp.copy, method.trainable)
+    mut, const = split_frozen(method, method.frozen)
+    opt_state = jax.jit(method.optimizer.init)(trainable)
+    if method.selection_steps:  # the compact path selects first (not timed)
+        sel = make_selection_fn(method, task, cfg)
+        score = {k: jnp.zeros(x.shape, jnp.float32) for k, x in flatten_paths(mut["w"]).items()}
+        trainable, opt_state, mut, _, _ = sel(
+            trainable, opt_state, mut, const, score, batch, jax.random.key(1), True
+        )
+    step = make_train_step(method, task, 1)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        trainable, opt_state, mut, m = step(
+            trainable, opt_state, mut, const, batch, jax.random.key(i)
+        )
+        jax.block_until_ready(m["loss"])
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    count = None if (ftype, sift_path) == ("sift", "simple") else method.num_trainable(opt_state)
+    return statistics.median(times), count
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="minilm", choices=["minilm", "bert-base", "roberta-large"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=0.008)
+    ap.add_argument("--random_init", action="store_true")
+    args = ap.parse_args(argv)
+    graphdef, params, desc = load(args.model, args.random_init)
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": jnp.asarray(rng.integers(1000, 20000, (args.batch, args.seq)), jnp.int32),
+        "attention_mask": jnp.ones((args.batch, args.seq), jnp.int32),
+        "token_type_ids": jnp.zeros((args.batch, args.seq), jnp.int32),
+        "labels": jnp.asarray(rng.integers(0, 2, args.batch), jnp.int32),
+    }
+    print(
+        f"device: {jax.devices()[0].device_kind}; model: {desc}; batch {args.batch} x seq "
+        f"{args.seq}; SIFT rate {args.rate} on attention q/k/v/o, classifier dense"
+    )
+    spec = {"sparse": SPARSE, "dense": "classifier"}
+    print(f"{'method':30s} {'step ms':>9s} {'examples/s':>11s} {'vs full':>8s}", flush=True)
+    t_full = None
+    _, n_sift = run_method(graphdef, params, "sift", batch, 1, args.rate)
+    rank = lora_rank_matching(params, spec, n_sift)
+    for name, ftype, kw in [
+        ("full FT", "full", {}),
+        (f"LoRA (r={rank}, matched params)", "lora", {"rank": rank}),
+        ("SIFT simple path", "sift", {"sift_path": "simple"}),
+        ("SIFT compact path", "sift", {}),
+    ]:
+        t, _ = run_method(graphdef, params, ftype, batch, args.steps, args.rate, **kw)
+        t_full = t_full or t
+        print(f"{name:30s} {t * 1e3:9.1f} {args.batch / t:11.1f} {t_full / t:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
