@@ -459,3 +459,15 @@ def test_leaf_paths_read_naturally():
         "encoder/layers/0/attention/query/kernel"
     ]
     assert math.isclose(sift_jax.count_for_rate(0.008, 1_000_000), 8001)
+
+
+def test_every_targeted_tensor_trains():
+    """Original bug 4: the last tensor reached in backward was never trained. Here all are."""
+    params = make_params()
+    opt = sparse_increment(0.1, optax.sgd(1.0))
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(grads_at(0, params), state, params)
+    updates, _ = jax.jit(opt.update)(grads_at(1, params), state, params)
+    for path, u in sift_jax.leaves_with_paths(updates):
+        if path != "step":
+            assert np.count_nonzero(np.asarray(u)) > 0, path
