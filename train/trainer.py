@@ -304,6 +304,11 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
     )
     losses: list[float] = []
     metrics: dict[str, Any] = {}
+
+    def save():  # reads the loop's current state
+        meta = {"step": step, "epoch": step / steps_per_epoch}
+        ckpt.save(step, method, trainable, opt_state, rng, meta, extra=_extra(method, mut, score))
+
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, disable=cfg.disable_tqdm, dynamic_ncols=True)
     printed_trainable = False
@@ -374,15 +379,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                         )
                     )
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    ckpt.save(
-                        step,
-                        method,
-                        trainable,
-                        opt_state,
-                        rng,
-                        {"step": step, "epoch": step / steps_per_epoch},
-                        extra=_extra(method, mut, score),
-                    )
+                    save()
                 if step >= total_steps or end_of_epoch:
                     break
     bar.close()
@@ -394,15 +391,7 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
     ):
         metrics = evaluate(method, task, trainable, _frozen(mut, const), cfg, mesh, eval_fn)
         metrics["epoch"] = step / steps_per_epoch
-    ckpt.save(
-        step,
-        method,
-        trainable,
-        opt_state,
-        rng,
-        {"step": step, "epoch": step / steps_per_epoch},
-        extra=_extra(method, mut, score),
-    )
+    save()
     ckpt.close()
     steps_run = step - start_step
     results = {
