@@ -45,6 +45,10 @@ def test_two_sift_steps_on_smollm2_and_the_delta_merges_back_exactly(
     res = run(cfg, smollm2)
     assert 0.0 <= res["before"]["eval_accuracy"] <= 1.0
     assert 0.0 <= res["after"]["eval_accuracy"] <= 1.0
+    # The merged model is exported as an HF LlamaForCausalLM directory.
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(res["export"]).model_type == "llama"
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)

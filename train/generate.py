@@ -43,6 +43,8 @@ class DecoderModel:
         tokenizer: the HF tokenizer.
         supports_packing: whether ``apply_fn`` takes ``segment_ids`` and ``positions``.
         name: where it came from.
+        model: the NNX model (for export), when loaded through ``train.models``.
+        config: its ``LlamaConfig`` (for export).
     """
 
     params: Any
@@ -50,6 +52,8 @@ class DecoderModel:
     tokenizer: Any
     supports_packing: bool = False
     name: str = ""
+    model: Any = None
+    config: Any = None
 
     @property
     def logits_fn(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -282,6 +286,8 @@ def load_decoder(name: str, dtype: str = "float32", remat: bool = False) -> Deco
         tokenizer=loaded.tokenizer,
         supports_packing=getattr(loaded, "supports_packing", False),
         name=name,
+        model=loaded.model,
+        config=loaded.config,
     )
 
 

@@ -368,6 +368,26 @@ def _mmlu(cfg, model: DecoderModel, params) -> dict:
     return res.as_dict()
 
 
+def export_merged(model: Any, params: Any, out_dir: Path) -> str | None:
+    """Writes the fine-tuned decoder as an HF directory (config, safetensors, tokenizer).
+
+    Needs a :class:`train.models.decoder.LoadedDecoder` (its NNX ``model`` and ``config``);
+    other model functions are not exportable and are skipped with a message.
+    """
+    from flax import nnx
+
+    from train.models.hf import export_hf
+
+    if getattr(model, "model", None) is None or getattr(model, "config", None) is None:
+        print("Not exporting a merged model: this decoder is not a train.models NNX model.")
+        return None
+    graphdef, _ = nnx.split(model.model, nnx.Param)
+    merged = nnx.merge(graphdef, jax.device_get(params))
+    path = export_hf(merged, model.config, model.tokenizer, out_dir)
+    print(f"Saved the merged model (HF format) to {path}.")
+    return str(path)
+
+
 def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
     """Builds the data, evaluates the base model, fine-tunes, evaluates again, saves.
 
@@ -453,7 +473,11 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
             out / "sift_delta.safetensors",
             {"base_model": cfg.model_name_or_path, "sparse_rate": cfg.sparse_rate},
         )
+    export_dir = None
+    if cfg.export_model and jax.process_index() == 0:
+        export_dir = export_merged(model, result.params, out / "model")
     results = {
+        "export": export_dir,
         "before": before,
         "after": after,
         "train": {k: v for k, v in result.metrics.items() if not k.startswith("eval_")},
