@@ -170,6 +170,51 @@ def measure(spec, params, graphdef, ftype, rate, lora_rank=8, sift_path="compact
     )
 
 
+def measure_selection(spec, params, graphdef, rate, in_backward: bool):
+    """Compiled bytes of the compact path's selection step: top-k inside the backward
+    (:func:`sift_jax.topk_probe`) vs the dense gradient of every targeted tensor."""
+    import train.methods as methods_lib
+    from train.trainer import make_accum_grads
+
+    cfg = TrainConfig(
+        finetuning_type="sift",
+        sparse_rate=rate,
+        sparse_module=[spec["sparse"]],
+        sparse_exception=[spec["dense"]] if spec["dense"] else [],
+    )
+    method = build_method(params, cfg, make_schedule(1e-4, 100, 0.06), jax.random.key(0))
+    abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+    trainable, frozen = abstract(method.trainable), abstract(method.frozen)
+    opt_state = jax.eval_shape(method.optimizer.init, trainable)
+    task, batch = make_task(spec, graphdef, spec["batch"], spec["seq"])
+    mut, const = {k: v for k, v in frozen.items() if k != "base"}, {"base": frozen["base"]}
+    score = (
+        {}
+        if in_backward
+        else {
+            p: jax.ShapeDtypeStruct(x.shape, jnp.float32)
+            for p, x in flatten_paths(mut["w"]).items()
+        }
+    )
+    orig = methods_lib.selection_needs_score
+    methods_lib.selection_needs_score = lambda c: not in_backward
+    try:
+        step = methods_lib.make_selection_step(
+            method,
+            cfg,
+            lambda p, b, r: task.loss_fn(task.apply_fn(p, b, r, True), b),
+            make_accum_grads(1),
+        )
+        mem = (
+            step.lower(trainable, opt_state, mut, const, score, batch, jax.random.key(0), True)
+            .compile()
+            .memory_analysis()
+        )
+    finally:
+        methods_lib.selection_needs_score = orig
+    return mem.temp_size_in_bytes + mem.argument_size_in_bytes
+
+
 def _sift_count(params, cfg):
     import re
 
@@ -230,6 +275,11 @@ def main(argv=None):
     ap.add_argument("--rate", type=float, default=0.01)
     ap.add_argument("--llama_layers", type=int, default=2)
     ap.add_argument("--remat", action="store_true", help="gradient checkpointing per layer")
+    ap.add_argument(
+        "--selection",
+        action="store_true",
+        help="also compare the selection step: top-k in backward vs dense gradient",
+    )
     args = ap.parse_args(argv)
     gb = 2**30
     print(
@@ -254,6 +304,14 @@ def main(argv=None):
                 flush=True,
             )
         all_rows[name] = rows
+        if args.selection and MODELS[name]["kind"] == "encoder":
+            _, graphdef, params = abstract_model(MODELS[name], None, args.remat)
+            a = measure_selection(MODELS[name], params, graphdef, args.rate, True)
+            b = measure_selection(MODELS[name], params, graphdef, args.rate, False)
+            print(
+                f"selection step (args + temp): top-k in backward {a / gb:.3f} GB vs dense "
+                f"gradient + score {b / gb:.3f} GB = {a / b:.3f}x"
+            )
     return all_rows
 
 

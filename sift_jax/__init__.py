@@ -22,7 +22,9 @@ from sift_jax._src.increments import (
     gather_at,
     increment_view,
     init_increments,
+    probe_indices,
     select_indices,
+    topk_probe,
     write_increments,
 )
 from sift_jax._src.masks import leaf_roles, role_tree
@@ -63,7 +65,9 @@ __all__ = [
     "merge_delta",
     "save_delta",
     "select_indices",
+    "probe_indices",
     "top_count",
+    "topk_probe",
     "unmerge_delta",
     "wide_dtype",
     "write_increments",

@@ -56,3 +56,25 @@ def test_fp32_increments_on_bf16_weights_keep_small_updates():
     for _ in range(100):
         naive = naive + jnp.bfloat16(1e-3)
     assert float(naive) == 1.0  # what bf16 accumulation would have done
+
+
+def test_topk_probe_gives_the_true_top_k_inside_the_backward():
+    """Issue 5: selection without a dense gradient tree; indices above 65535 decode exactly."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    w = {"a": jax.random.normal(k1, (300, 300)) * 0.05, "b": jax.random.normal(k2, (300, 10))}
+    x = jax.random.normal(k3, (16, 300))
+
+    def loss(w):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ w["a"]) @ w["b"]) ** 2)
+
+    g = jax.grad(loss)(w)
+    probes = {"a": jnp.zeros((3, 500)), "b": jnp.zeros((3, 40))}
+    g_probe = jax.jit(jax.grad(lambda pr: loss({p: sift_jax.topk_probe(w[p], pr[p]) for p in w})))(
+        probes
+    )
+    for p in w:
+        idx = sift_jax.probe_indices(g_probe[p])
+        want = sift_jax.topk_indices(jnp.abs(g[p]), probes[p].shape[1])
+        np.testing.assert_array_equal(idx, want)
+        np.testing.assert_allclose(g_probe[p][2], g[p].ravel()[want], rtol=1e-4)
+    assert int(sift_jax.probe_indices(g_probe["a"]).max()) > 65535

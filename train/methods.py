@@ -298,6 +298,21 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
     )
 
 
+def selection_needs_score(cfg) -> bool:
+    """Whether compact-path selection keeps an O(n) ``|g|`` accumulator.
+
+    Not for the default (``grad``, one selection step, no accumulation): then each weight's
+    top-k is taken inside the backward (:func:`sift_jax.topk_probe`), so no full gradient tree is
+    ever formed. Multi-step or accumulated selection sums ``|g|`` and needs the accumulator;
+    random / magnitude selection go through the same general path.
+    """
+    return not (
+        cfg.selection == "grad"
+        and cfg.selection_steps == 1
+        and cfg.gradient_accumulation_steps == 1
+    )
+
+
 def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_grads: Callable):
     """The compact path's selection step (jitted; ``last`` is static).
 
@@ -308,6 +323,7 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
     gradient at the new indices is applied).
     """
     opt = method.optimizer
+    in_backward = not selection_needs_score(cfg)
 
     def step(trainable, opt_state, mut, const, score, batch, rng, last):
         frozen = {**const, **mut}
@@ -322,28 +338,45 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
             params.update(flatten_paths(dense))
             return loss_of_params(unflatten_paths(params), b, r)
 
-        loss, (g_w, g_dense) = accum_grads(loss_of, (w_sparse, trainable["dense"]), batch, rng)
-        score = {p: score[p] + jnp.abs(g_w[p]).astype(jnp.float32) for p in sparse_paths}
         idx = flatten_paths(frozen["idx"])
-        if last:
-            idx = flatten_paths(
-                sift_jax.select_indices(
-                    unflatten_paths(score),
-                    cfg.sparse_rate,
-                    selection=cfg.selection,
-                    params=unflatten_paths(w_sparse),
-                    seed=cfg.seed,
-                )
+        if last and in_backward:
+            # One pass: each weight gradient is reduced to its top-k inside the backward.
+            probes = {p: jnp.zeros((3, idx[p].shape[0]), jnp.float32) for p in sparse_paths}
+
+            def probe_loss(args, b, r):
+                pr, dense = args
+                params = dict(base)
+                params.update({p: sift_jax.topk_probe(w_sparse[p], pr[p]) for p in pr})
+                params.update(flatten_paths(dense))
+                return loss_of_params(unflatten_paths(params), b, r)
+
+            loss, (g_pr, g_dense) = accum_grads(
+                probe_loss, (probes, trainable["dense"]), batch, rng
             )
+            idx = {p: sift_jax.probe_indices(g_pr[p]) for p in sparse_paths}
+            g_sel = {p: g_pr[p][2] for p in sparse_paths}
             frozen = method.reselect(frozen, unflatten_paths(idx))
+        else:
+            loss, (g_w, g_dense) = accum_grads(loss_of, (w_sparse, trainable["dense"]), batch, rng)
+            score = {p: score[p] + jnp.abs(g_w[p]).astype(jnp.float32) for p in sparse_paths}
+            if last:
+                idx = flatten_paths(
+                    sift_jax.select_indices(
+                        unflatten_paths(score),
+                        cfg.sparse_rate,
+                        selection=cfg.selection,
+                        params=unflatten_paths(w_sparse),
+                        seed=cfg.seed,
+                    )
+                )
+                frozen = method.reselect(frozen, unflatten_paths(idx))
+            g_sel = {
+                p: sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
+                for p in sparse_paths
+            }
         train_now = last and cfg.update_on_selection
         g_delta = {
-            p: (
-                sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
-                if train_now
-                else jnp.zeros(idx[p].shape, jnp.float32)
-            )
-            for p in sparse_paths
+            p: g_sel[p] if train_now else jnp.zeros(idx[p].shape, jnp.float32) for p in sparse_paths
         }
         grads = {"delta": unflatten_paths(g_delta), "dense": g_dense}
         updates, opt_state = opt.update(grads, opt_state, method.opt_params(trainable, frozen))

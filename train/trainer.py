@@ -31,6 +31,7 @@ from train.methods import (
     flatten_paths,
     make_schedule,
     make_selection_step,
+    selection_needs_score,
     unflatten_paths,
 )
 
@@ -295,7 +296,11 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         sel_fn = make_selection_fn(method, task, cfg)
         score = flatten_paths(extra["score"]) if extra and "score" in extra else None
         if score is None:
-            score = {p: jnp.zeros(x.shape, jnp.float32) for p, x in flatten_paths(mut["w"]).items()}
+            score = (
+                {p: jnp.zeros(x.shape, jnp.float32) for p, x in flatten_paths(mut["w"]).items()}
+                if selection_needs_score(cfg)
+                else {}  # top-k taken inside the backward: no O(n) accumulator
+            )
     accum = cfg.gradient_accumulation_steps
     print(
         f"Fine-tuning ({method.name}) for {total_steps} steps: {task.train_size} examples, "
@@ -437,7 +442,7 @@ def _extra(method: Method, frozen, score) -> dict | None:
     if method.path != "compact":
         return None
     out = {"idx": frozen["idx"]}
-    if score is not None:
+    if score:
         out["score"] = unflatten_paths(score)
     return out
 

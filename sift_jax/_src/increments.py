@@ -190,3 +190,56 @@ def write_increments(w: Any, indices: Any, selected_base: Any, increments: Any) 
                 x.at[_unravel(i, x.shape)].set(v, indices_are_sorted=True, unique_indices=True)
             )
     return jax.tree.unflatten(treedef, out)
+
+
+@jax.custom_vjp
+def topk_probe(w: jax.Array, probe: jax.Array) -> jax.Array:
+    """``w`` in the forward; in the backward, the top-k of ``|grad_w|`` comes out as ``probe``'s
+    gradient, so selection never needs every dense weight gradient at once.
+
+    ``probe`` is a float32 ``[3, k]`` array of zeros. Differentiating a loss with respect to it
+    gives rows ``(idx // 65536, idx % 65536, grad_w[idx])`` for the sorted top-k flat indices
+    ``idx`` of ``|grad_w|`` (:func:`probe_indices` decodes them). Each dense ``grad_w`` is reduced
+    to ``3k`` numbers where the backward produces it (inside a scanned / rematerialised layer it
+    never outlives that layer). Gradients of one backward pass only: summing probe gradients
+    over micro-batches is meaningless.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jnp.arange(6.0)
+        >>> g = jax.grad(lambda p: jnp.sum(topk_probe(w, p) ** 2))(jnp.zeros((3, 2)))
+        >>> probe_indices(g).tolist(), g[2].tolist()
+        ([4, 5], [8.0, 10.0])
+    """
+    del probe
+    return w
+
+
+def _probe_fwd(w, probe):
+    return w, (jnp.zeros((0,), w.dtype), jnp.zeros(probe.shape[1:], jnp.float32))
+
+
+def _probe_bwd(res, g):
+    w_proto, k_proto = res
+    k = k_proto.shape[0]
+    idx = selection_lib.topk_indices(jnp.abs(g.astype(jnp.float32)), k)
+    probe_grad = jnp.stack([(idx // 65536).astype(jnp.float32),
+                            (idx % 65536).astype(jnp.float32),
+                            _gather(g, idx).astype(jnp.float32)])
+    return jnp.zeros(g.shape, w_proto.dtype), probe_grad
+
+
+topk_probe.defvjp(_probe_fwd, _probe_bwd)
+
+
+def probe_indices(probe_grad: jax.Array) -> jax.Array:
+    """Decodes the ``int32[k]`` indices from a :func:`topk_probe` gradient.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> probe_indices(jnp.array([[1.0, 0.0], [2.0, 7.0], [0.0, 0.0]])).tolist()
+        [65538, 7]
+    """
+    return (probe_grad[0].astype(jnp.int32) * 65536 + probe_grad[1].astype(jnp.int32)).astype(
+        jnp.int32
+    )
