@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from train.config import TrainConfig
+from train.encoder_io import classifier_apply_fn
 from train.methods import build_method, flatten_paths, make_schedule
 from train.models.decoder import LlamaConfig, LlamaForCausalLM
 from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
@@ -87,17 +88,7 @@ def abstract_model(spec, layers: int | None, remat: bool):
 
 def make_task(spec, graphdef, batch, seq):
     if spec["kind"] == "encoder":
-
-        def apply_fn(p, b, rng, train):
-            return functional_apply(
-                graphdef,
-                p,
-                None,
-                b["input_ids"],
-                b["attention_mask"],
-                b["token_type_ids"],
-                deterministic=True,
-            )
+        apply_fn = classifier_apply_fn(graphdef, dropout=False)
 
         def loss_fn(logits, b):
             return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
@@ -150,9 +141,7 @@ def measure(spec, params, graphdef, ftype, rate, lora_rank=8, sift_path="compact
     compiled = step.lower(trainable, opt_state, mut, const, batch, jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
     grad_bytes = tree_bytes(trainable)  # what jax.grad returns (simple path: full tensors)
-    n_train = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
-    if ftype == "sift":
-        n_train = method.num_trainable(None) if sift_path == "compact" else _sift_count(params, cfg)
+    n_train = method.num_trainable(opt_state)  # SIFT simple: counts the (abstract) indices
     opt_bytes = tree_bytes(opt_state)
     total = (
         mem.argument_size_in_bytes
@@ -213,19 +202,6 @@ def measure_selection(spec, params, graphdef, rate, in_backward: bool):
     finally:
         methods_lib.selection_needs_score = orig
     return mem.temp_size_in_bytes + mem.argument_size_in_bytes
-
-
-def _sift_count(params, cfg):
-    import re
-
-    n = 0
-    for p, x in flatten_paths(params).items():
-        size = math.prod(x.shape)
-        if cfg.sparse_exception and any(re.search(r, p) for r in cfg.sparse_exception):
-            n += size
-        elif any(re.search(r, p) for r in cfg.sparse_module):
-            n += min(int(cfg.sparse_rate * size) + 1, size)
-    return n
 
 
 def lora_rank_matching(params, spec, target_params: int) -> int:

@@ -38,9 +38,9 @@ from sift_jax._src.paths import path_to_str
 from sift_jax._src.selection import count_for_rate
 from train.data.batching import encode_task, train_batches
 from train.data.glue import load_task
-from train.encoder_io import load_classifier
+from train.encoder_io import classifier_apply_fn, load_classifier
 from train.models.encoder import EncoderForSequenceClassification
-from train.models.functional import functional_apply, split_params
+from train.models.functional import split_params
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -94,17 +94,7 @@ def models() -> dict[str, tuple[dict, object]]:
     b = _pretrained()
     graphdef, params = split_params(EncoderForSequenceClassification(b.config, rngs=nnx.Rngs(0)))
 
-    def random_apply(p, batch, rng, train):
-        return functional_apply(
-            graphdef,
-            p,
-            None,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("token_type_ids"),
-            deterministic=True,
-        )
-
+    random_apply = classifier_apply_fn(graphdef, dropout=False)
     return {"pretrained": (b.params, b.apply_fn), "random": (params, random_apply)}
 
 

@@ -23,9 +23,10 @@ from flax import nnx
 
 from bench.memory import MODELS, lora_rank_matching
 from train.config import TrainConfig
+from train.encoder_io import classifier_apply_fn
 from train.methods import build_method, flatten_paths, make_schedule
 from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
-from train.models.functional import functional_apply, split_params
+from train.models.functional import split_params
 from train.trainer import Task, make_selection_fn, make_train_step, split_frozen
 
 SPARSE = r"attention/(query|key|value|output)/"
@@ -62,17 +63,7 @@ def run_method(graphdef, params, ftype, batch, steps, rate, sift_path="compact",
     )
     method = build_method(params, cfg, make_schedule(1e-4, 1000, 0.0), jax.random.key(0))
 
-    def apply_fn(p, b, rng, train):
-        return functional_apply(
-            graphdef,
-            p,
-            None,
-            b["input_ids"],
-            b["attention_mask"],
-            b["token_type_ids"],
-            deterministic=not train,
-            rngs=nnx.Rngs(dropout=rng) if train else None,
-        )
+    apply_fn = classifier_apply_fn(graphdef)
 
     def loss_fn(logits, b):
         return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()

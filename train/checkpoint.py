@@ -120,12 +120,10 @@ class Checkpointer:
         keys = meta.get("extra_keys", [])
         if keys:
             extra_t = dict(extra_template or {})
-            if "score" in keys:
-                idx = extra_t["idx"]
+            if "score" in keys:  # fp32 |g| accumulator shaped like the targeted tensors
                 extra_t["score"] = jax.tree.map(
-                    lambda i, b: jax.ShapeDtypeStruct(b.shape, jnp.float32, sharding=b.sharding),
-                    idx,
-                    _sparse_like(trainable_base, idx, method),
+                    lambda w: jax.ShapeDtypeStruct(w.shape, jnp.float32, sharding=w.sharding),
+                    method.frozen["w"],
                 )
             extra_abs = {k: jax.tree.map(_abstract, extra_t[k]) for k in keys}
             target["extra"] = {k: _leaves_dict(v) for k, v in extra_abs.items()}
@@ -162,11 +160,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _sparse_like(trainable_base, idx, method):
-    """The base tensors (shaped like the selection score) for the compact path's indices."""
-    return method.frozen["w"]
 
 
 def _abstract(x):

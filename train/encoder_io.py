@@ -45,6 +45,38 @@ class EncoderBundle:
     description: str
 
 
+def classifier_apply_fn(graphdef: Any, dropout: bool = True):
+    """``(params, batch, rng, train) -> logits`` for an encoder classifier's ``graphdef``.
+
+    Dropout is on when ``train`` (and ``dropout``); ``token_type_ids`` is optional in the batch.
+
+    Example:
+        >>> from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
+        >>> from train.models.functional import split_params
+        >>> g, p = split_params(EncoderForSequenceClassification(EncoderConfig.tiny(),
+        ...                                                      rngs=nnx.Rngs(0)))
+        >>> ones = jax.numpy.ones((1, 4), int)
+        >>> batch = {"input_ids": ones, "attention_mask": ones}
+        >>> classifier_apply_fn(g)(p, batch, None, False).shape
+        (1, 2)
+    """
+
+    def apply_fn(p, batch, rng, train):
+        train = train and dropout
+        return functional_apply(
+            graphdef,
+            p,
+            None,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            deterministic=not train,
+            rngs=nnx.Rngs(dropout=rng) if train else None,
+        )
+
+    return apply_fn
+
+
 def resolve_model(name_or_path: str) -> str:
     """``embedded:minilm`` -> the packaged MiniLM directory (fetched on first use)."""
     if name_or_path in EMBEDDED:
@@ -98,17 +130,7 @@ def load_classifier(
     state = nnx.state(model, nnx.Param)
     graphdef, params = split_params(model)
 
-    def apply_fn(p, batch, rng, train):
-        return functional_apply(
-            graphdef,
-            p,
-            None,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("token_type_ids"),
-            deterministic=not train,
-            rngs=nnx.Rngs(dropout=rng) if train else None,
-        )
+    apply_fn = classifier_apply_fn(graphdef)
 
     def place(p, mesh):
         shardings = nnx.to_pure_dict(param_shardings(state, mesh))

@@ -25,37 +25,9 @@ import jax.numpy as jnp
 import optax
 
 import sift_jax
-from sift_jax._src.paths import path_to_str
+from sift_jax._src.paths import flatten_paths, path_to_str, unflatten_paths
 
 Params = dict[str, Any]
-
-
-def flatten_paths(tree: Params) -> dict[str, Any]:
-    """``{path: leaf}`` with ``/``-joined paths.
-
-    Example:
-        >>> flatten_paths({"a": {"b": 1}})
-        {'a/b': 1}
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_to_str(p): x for p, x in flat}
-
-
-def unflatten_paths(flat: dict[str, Any]) -> Params:
-    """Inverse of :func:`flatten_paths` for nested dicts.
-
-    Example:
-        >>> unflatten_paths({"a/b": 1, "a/c": 2})
-        {'a': {'b': 1, 'c': 2}}
-    """
-    out: dict[str, Any] = {}
-    for path, x in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = x
-    return out
 
 
 def _matches(patterns: list[str], path: str) -> bool:
@@ -228,14 +200,14 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
     _check_matches(params, cfg.sparse_module, "--sparse_module")
     if cfg.sparse_exception:
         _check_matches(params, cfg.sparse_exception, "--sparse_exception")
+    flat = flatten_paths(params)
     roles = dict(
         zip(
-            flatten_paths(params),
+            flat,
             sift_jax.leaf_roles(params, cfg.sparse_module, cfg.sparse_exception or None),
             strict=True,
         )
     )
-    flat = flatten_paths(params)
     sparse = {p: flat[p] for p, r in roles.items() if r == "sparse"}
     dense = {p: flat[p] for p, r in roles.items() if r == "dense"}
     ks = {p: sift_jax.count_for_rate(cfg.sparse_rate, x.size) for p, x in sparse.items()}
@@ -331,12 +303,12 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
         sparse_paths = list(flatten_paths(frozen["idx"]))
         w_sparse = flatten_paths(frozen["w"])  # still the base values: no increment yet
 
-        def loss_of(wd, b, r):
-            w, dense = wd
-            params = dict(base)
-            params.update(w)
-            params.update(flatten_paths(dense))
+        def loss_with(w, dense, b, r):  # the targeted tensors w, the dense-trained ones
+            params = {**base, **w, **flatten_paths(dense)}
             return loss_of_params(unflatten_paths(params), b, r)
+
+        def loss_of(wd, b, r):
+            return loss_with(*wd, b, r)
 
         idx = flatten_paths(frozen["idx"])
         if last and in_backward:
@@ -345,10 +317,8 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
 
             def probe_loss(args, b, r):
                 pr, dense = args
-                params = dict(base)
-                params.update({p: sift_jax.topk_probe(w_sparse[p], pr[p]) for p in pr})
-                params.update(flatten_paths(dense))
-                return loss_of_params(unflatten_paths(params), b, r)
+                w = {p: sift_jax.topk_probe(w_sparse[p], pr[p]) for p in pr}
+                return loss_with(w, dense, b, r)
 
             loss, (g_pr, g_dense) = accum_grads(
                 probe_loss, (probes, trainable["dense"]), batch, rng

@@ -107,21 +107,7 @@ def apply_increments(params: Any, indices: Any, increments: Any) -> Any:
         ...                  {"w": jnp.array([1.0, 2.0])})["w"].tolist()
         [0.0, 1.0, 0.0, 2.0]
     """
-    leaves, idx, treedef = _pairs(params, indices)
-    inc = treedef.flatten_up_to(increments)
-    out = []
-    for w, i, d in zip(leaves, idx, inc, strict=True):
-        if i is None:
-            out.append(w)
-            continue
-        sel = (_gather(w, i).astype(d.dtype) + d).astype(w.dtype)  # one rounding, in Δ's dtype
-        if w.ndim == 0:
-            out.append(sel.reshape(()))
-        else:
-            out.append(
-                w.at[_unravel(i, w.shape)].set(sel, indices_are_sorted=True, unique_indices=True)
-            )
-    return jax.tree.unflatten(treedef, out)
+    return write_increments(params, indices, gather_at(params, indices), increments)
 
 
 @jax.custom_vjp
@@ -223,9 +209,13 @@ def _probe_bwd(res, g):
     w_proto, k_proto = res
     k = k_proto.shape[0]
     idx = selection_lib.topk_indices(jnp.abs(g.astype(jnp.float32)), k)
-    probe_grad = jnp.stack([(idx // 65536).astype(jnp.float32),
-                            (idx % 65536).astype(jnp.float32),
-                            _gather(g, idx).astype(jnp.float32)])
+    probe_grad = jnp.stack(
+        [
+            (idx // 65536).astype(jnp.float32),
+            (idx % 65536).astype(jnp.float32),
+            _gather(g, idx).astype(jnp.float32),
+        ]
+    )
     return jnp.zeros(g.shape, w_proto.dtype), probe_grad
 
 

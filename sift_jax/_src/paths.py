@@ -54,3 +54,30 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None):
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_to_str(p), leaf) for p, leaf in flat]
+
+
+def flatten_paths(tree: Any) -> dict[PathStr, Any]:
+    """``{path: leaf}`` with ``/``-joined paths (``None`` leaves dropped).
+
+    Example:
+        >>> flatten_paths({"a": {"b": 1, "c": None}})
+        {'a/b': 1}
+    """
+    return dict(leaves_with_paths(tree))
+
+
+def unflatten_paths(flat: dict[PathStr, Any]) -> dict[str, Any]:
+    """Nested dicts from ``{path: leaf}``: the inverse of :func:`flatten_paths` for dicts.
+
+    Example:
+        >>> unflatten_paths({"a/b": 1, "a/c": 2})
+        {'a': {'b': 1, 'c': 2}}
+    """
+    out: dict[str, Any] = {}
+    for path, x in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = x
+    return out

@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from sift_jax._src.paths import unflatten_paths
+
 Hook = Callable[[np.ndarray], np.ndarray]
 HOOKS: dict[str | None, Hook] = {None: lambda a: a, "T": lambda a: np.ascontiguousarray(a.T)}
 
@@ -277,7 +279,9 @@ def normalize_decoder_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (``None`` leaves dropped).
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (``None`` leaves dropped). Only dicts are
+    descended into, so tuple leaves (e.g. logical axis names) stay whole; the inverse is
+    :func:`unflatten` (``sift_jax``'s ``unflatten_paths``).
 
     Example:
         >>> flatten({"a": {"b": 1, "c": None}})
@@ -293,21 +297,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten`.
-
-    Example:
-        >>> unflatten({"a/b": 1})
-        {'a': {'b': 1}}
-    """
-    out: dict[str, Any] = {}
-    for path, x in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = x
-    return out
+unflatten = unflatten_paths
 
 
 def stack_layers(pure: dict[str, Any], layers_path: str) -> dict[str, Any]:
