@@ -274,3 +274,93 @@ def test_resume_inside_a_multi_step_selection_phase(tmp_path):
         toy_params(),
     )
     np.testing.assert_allclose(resumed.losses, full.losses[2:], rtol=1e-6)
+
+
+def _changed(res):
+    q0 = toy_params()["encoder"]["layers"]["0"]["attention"]["query"]["kernel"]
+    q = res.params["encoder"]["layers"]["0"]["attention"]["query"]["kernel"]
+    return set(np.flatnonzero(np.asarray(q) != np.asarray(q0)).tolist())
+
+
+def test_periodic_reselection_moves_the_increments_and_saves_them_all(tmp_path):
+    from train.trainer import save_sift_delta
+
+    once = train(cfg_for(tmp_path / "once"), toy_task(), toy_params())
+    res = train(cfg_for(tmp_path / "re", reselect_every=3), toy_task(), toy_params())
+    assert res.metrics["reselections"] == 5  # steps 3, 6, 9, 12, 15 of 16
+    k = once.method.sparse_indices(once.frozen, once.opt_state)["encoder"]["layers"]["0"]
+    k = k["attention"]["query"]["kernel"].size
+    assert len(_changed(once)) <= k
+    assert len(_changed(res)) > k  # earlier selections' increments stay folded in
+    assert res.losses[-1] < res.losses[0]
+    # The delta of a re-selecting run holds every changed position: merging it is exact.
+    path = save_sift_delta(res, toy_params(), tmp_path / "d.safetensors")
+    merged = sift_jax.merge_delta(toy_params(), sift_jax.load_delta(path))
+    jax.tree.map(np.testing.assert_array_equal, merged, res.params)
+
+
+def test_resume_after_a_reselection_is_exact(tmp_path):
+    full = train(cfg_for(tmp_path / "full", reselect_every=3), toy_task(), toy_params())
+    kw = dict(reselect_every=3, save_steps=5)
+    _run_until(cfg_for(tmp_path / "k", **kw), 5)
+    resumed = train(
+        cfg_for(tmp_path / "k", resume_from_checkpoint="latest", **kw), toy_task(), toy_params()
+    )
+    np.testing.assert_allclose(resumed.losses, full.losses[5:], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, full.params)
+
+
+def test_emulating_the_original_codes_quirks(tmp_path):
+    ours = train(cfg_for(tmp_path / "o"), toy_task(), toy_params())
+    lag = train(cfg_for(tmp_path / "l", sift_emulate=["lagged"]), toy_task(), toy_params())
+    # Step 1 sees the same params (no sparse update yet either way); step 2 does not.
+    np.testing.assert_allclose(lag.losses[:2], ours.losses[:2], rtol=1e-6)
+    assert abs(lag.losses[2] - ours.losses[2]) > 1e-6
+    # No update at all from the selection batch: the dense classifier waits too.
+    head0 = toy_params()["classifier"]["kernel"]
+    one = cfg_for(tmp_path / "n1", max_steps=1)
+    assert not np.array_equal(
+        train(one, toy_task(), toy_params()).params["classifier"]["kernel"], head0
+    )
+    frozen_sel = cfg_for(tmp_path / "n2", max_steps=1, sift_emulate=["no_selection_update"])
+    np.testing.assert_array_equal(
+        train(frozen_sel, toy_task(), toy_params()).params["classifier"]["kernel"], head0
+    )
+
+
+def test_no_sparse_decay_leaves_the_selected_weights_undecayed():
+    from train.methods import build_method
+
+    def decay_update(emulate):
+        cfg = cfg_for(Path("unused"), weight_decay=0.5, sift_emulate=emulate)
+        m = build_method(toy_params(), cfg, optax.constant_schedule(0.1), jax.random.key(0))
+        zeros = jax.tree.map(jnp.zeros_like, m.trainable)
+        params = jax.tree.map(jnp.ones_like, m.trainable)
+        u, _ = m.optimizer.update(zeros, m.optimizer.init(m.trainable), params)
+        return u
+
+    ours, orig = decay_update([]), decay_update(["no_sparse_decay"])
+    q = ("delta", "encoder", "layers", "0", "attention", "query", "kernel")
+
+    def get(t):
+        for key in q:
+            t = t[key]
+        return t
+
+    assert float(jnp.abs(get(ours)).max()) > 0  # AdamW decays the selected weights
+    assert float(jnp.abs(get(orig)).max()) == 0
+    np.testing.assert_array_equal(
+        ours["dense"]["classifier"]["kernel"], orig["dense"]["classifier"]["kernel"]
+    )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"reselect_every": 2, "sift_path": "simple"},
+        {"sift_emulate": ["lagged"], "finetuning_type": "full"},
+    ],
+)
+def test_compact_only_options_are_refused_elsewhere(tmp_path, kw):
+    with pytest.raises(ValueError, match="sift_path compact"):
+        train(cfg_for(tmp_path, **kw), toy_task(), toy_params())

@@ -74,6 +74,20 @@ class TrainConfig:
     )
     selection_steps: int = _f(1, "SIFT: batches whose |gradient| is summed to select indices.")
     update_on_selection: bool = _f(False, "SIFT: also apply the selection batch's gradient.")
+    reselect_every: int = _f(
+        0,
+        "SIFT (compact path): every N steps after the first selection, fold the increments into "
+        "the weights and select new indices on that step's batch (fresh increments and AdamW "
+        "moments; 0: select once, as the paper).",
+    )
+    sift_emulate: list[str] = _f(
+        [],
+        "SIFT (compact path), for studies only: reproduce quirks of the original PyTorch code. "
+        "'lagged': each increment update is applied one step late; 'no_selection_update': the "
+        "selection batch updates nothing, not even the dense tensors; 'no_sparse_decay': no "
+        "weight decay on the selected weights.",
+        choices=["lagged", "no_selection_update", "no_sparse_decay"],
+    )
     sift_path: str = _f(
         "compact",
         "SIFT training path: 'compact' (trainable = the k-vectors of increments, gradients and "

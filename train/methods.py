@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,8 +72,8 @@ def make_schedule(lr: float, total_steps: int, warmup_ratio: float, kind: str = 
     )
 
 
-def adamw(cfg, schedule) -> optax.GradientTransformation:
-    """Clip + AdamW with HF's decay mask, as configured by ``cfg``."""
+def adamw(cfg, schedule, mask=decay_mask) -> optax.GradientTransformation:
+    """Clip + AdamW with HF's decay mask (or ``mask``), as configured by ``cfg``."""
     parts = []
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
@@ -84,10 +84,65 @@ def adamw(cfg, schedule) -> optax.GradientTransformation:
             b2=cfg.adam_beta2,
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
-            mask=decay_mask,
+            mask=mask,
         )
     )
     return optax.chain(*parts)
+
+
+class LaggedState(NamedTuple):
+    """State of :func:`lag_increments`: the inner state and the update not yet applied."""
+
+    inner: Any
+    pending: Any
+
+
+def lag_increments(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Applies each ``delta`` update one step late (the original SIFT code's behaviour).
+
+    For studies only (``--sift_emulate lagged``): the original merged an increment into its
+    weight during the *next* backward pass, after that step's forward had already run, so every
+    gradient was taken at parameters missing the latest sparse update, and the last update was
+    never applied. Dense (``dense``) updates are not delayed.
+
+    Example:
+        >>> opt = lag_increments(optax.sgd(1.0))
+        >>> p = {"delta": jnp.zeros(2), "dense": jnp.zeros(1)}
+        >>> g = {"delta": jnp.ones(2), "dense": jnp.ones(1)}
+        >>> u, s = opt.update(g, opt.init(p))
+        >>> u["delta"].tolist(), u["dense"].tolist()  # delta's update waits one step
+        ([0.0, 0.0], [-1.0])
+        >>> opt.update(g, s)[0]["delta"].tolist()
+        [-1.0, -1.0]
+    """
+
+    def init(params):
+        return LaggedState(
+            inner.init(params), {"delta": jax.tree.map(jnp.zeros_like, params["delta"])}
+        )
+
+    def update(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state.inner, params)
+        out = {**updates, "delta": state.pending["delta"]}
+        return out, LaggedState(inner_state, {"delta": updates["delta"]})
+
+    return optax.GradientTransformation(init, update)
+
+
+def reset_increments(trainable: Params, opt_state: Any) -> tuple[Params, Any]:
+    """Zeroes the compact path's increments and every optimizer-state leaf under ``delta``.
+
+    Used by periodic re-selection: after the increments are folded into the weights, the new
+    positions start from zero increments and zero AdamW moments (the step count, and with it
+    the learning-rate schedule, carries on).
+    """
+
+    def zero_delta(path, x):
+        under = any(getattr(k, "key", None) == "delta" for k in path)
+        return jnp.zeros_like(x) if under else x
+
+    trainable = {**trainable, "delta": jax.tree.map(jnp.zeros_like, trainable["delta"])}
+    return trainable, jax.tree_util.tree_map_with_path(zero_delta, opt_state)
 
 
 @dataclass
@@ -253,13 +308,24 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         """Frozen state for new indices (w must still hold the base values)."""
         return {**f, "idx": idx, "sel": sift_jax.gather_at(f["w"], idx)}
 
+    emulate = set(getattr(cfg, "sift_emulate", None) or ())
+    mask = decay_mask
+    if "no_sparse_decay" in emulate:  # the original decayed a zeroed increment: no decay at all
+
+        def mask(tree):
+            no = jax.tree.map(lambda _: False, tree["delta"])
+            return {"delta": no, "dense": decay_mask(tree["dense"])}
+
+    opt = adamw(cfg, schedule, mask)
+    if "lagged" in emulate:
+        opt = lag_increments(opt)
     n = sum(ks.values()) + sum(x.size for x in dense.values())
     return Method(
         "sift",
         trainable,
         frozen,
         combine,
-        adamw(cfg, schedule),
+        opt,
         lambda s: n,
         path="compact",
         selection_steps=cfg.selection_steps,
@@ -344,6 +410,10 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
                 p: sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
                 for p in sparse_paths
             }
+        if "no_selection_update" in (getattr(cfg, "sift_emulate", None) or ()):
+            mut = {k: v for k, v in frozen.items() if k != "base"}
+            norm = optax.tree.norm((g_sel, g_dense))
+            return trainable, opt_state, mut, score, {"loss": loss, "grad_norm": norm}
         train_now = last and cfg.update_on_selection
         g_delta = {
             p: g_sel[p] if train_now else jnp.zeros(idx[p].shape, jnp.float32) for p in sparse_paths
@@ -403,6 +473,17 @@ def lora_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
 
 def build_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
     """Builds the method named by ``cfg.finetuning_type``."""
+    compact_only = [
+        f"--{flag}" for flag in ("reselect_every", "sift_emulate") if getattr(cfg, flag, None)
+    ]
+    if compact_only and (cfg.finetuning_type != "sift" or cfg.sift_path != "compact"):
+        raise ValueError(
+            f"{' and '.join(compact_only)} need(s) --finetuning_type sift --sift_path compact "
+            f"(got --finetuning_type {cfg.finetuning_type}"
+            + (f" --sift_path {cfg.sift_path})." if cfg.finetuning_type == "sift" else ").")
+        )
+    if getattr(cfg, "reselect_every", 0) < 0:
+        raise ValueError("--reselect_every must be >= 0 (0 disables re-selection).")
     if cfg.finetuning_type == "full":
         return full_method(params, cfg, schedule)
     if cfg.finetuning_type == "sift":

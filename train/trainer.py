@@ -31,6 +31,7 @@ from train.methods import (
     flatten_paths,
     make_schedule,
     make_selection_step,
+    reset_increments,
     selection_needs_score,
     unflatten_paths,
 )
@@ -277,9 +278,11 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         if step is None:
             raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {ckpt.directory}.")
         trainable, opt_state, rng, meta, extra = ckpt.restore(
-            step, method, trainable, opt_state, rng, extra_template=_extra(method, mut, None)
+            step, method, trainable, opt_state, rng, extra_template=_extra(method, mut, None, cfg)
         )
-        if extra and "idx" in extra:
+        if extra and "w" in extra:  # re-selection: the merged weights were checkpointed
+            mut = {k: extra[k] for k in ("w", "idx", "sel")}
+        elif extra and "idx" in extra:
             frozen = method.reselect({**const, **mut}, extra["idx"])
             frozen = method.post_update(trainable, frozen)
             mut = {k: v for k, v in frozen.items() if k != "base"}
@@ -297,10 +300,15 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         score = flatten_paths(extra["score"]) if extra and "score" in extra else None
         if score is None:
             score = (
-                {p: jnp.zeros(x.shape, jnp.float32) for p, x in flatten_paths(mut["w"]).items()}
+                _zero_score(mut)
                 if selection_needs_score(cfg)
                 else {}  # top-k taken inside the backward: no O(n) accumulator
             )
+    reselect_every = getattr(cfg, "reselect_every", 0)
+    resel_fn = reset_fn = None
+    if reselect_every:
+        resel_fn = sel_fn or make_selection_fn(method, task, cfg)
+        reset_fn = jax.jit(reset_increments, donate_argnums=(0, 1))
     accum = cfg.gradient_accumulation_steps
     print(
         f"Fine-tuning ({method.name}) for {total_steps} steps: {task.train_size} examples, "
@@ -312,7 +320,8 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
 
     def save():  # reads the loop's current state
         meta = {"step": step, "epoch": step / steps_per_epoch}
-        ckpt.save(step, method, trainable, opt_state, rng, meta, extra=_extra(method, mut, score))
+        extra = _extra(method, mut, score, cfg)
+        ckpt.save(step, method, trainable, opt_state, rng, meta, extra=extra)
 
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, disable=cfg.disable_tqdm, dynamic_ncols=True)
@@ -340,6 +349,21 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
                     )
                     if last:
                         sel_fn = score = None  # the O(n) selection score is no longer needed
+                elif reselect_every and _reselects_at(step, method.selection_steps, reselect_every):
+                    # The increments are already folded into the weights ("w"): select anew
+                    # on this batch, with fresh increments and moments.
+                    trainable, opt_state = reset_fn(trainable, opt_state)
+                    score0 = _zero_score(mut) if selection_needs_score(cfg) else {}
+                    trainable, opt_state, mut, _, m = resel_fn(
+                        trainable,
+                        opt_state,
+                        mut,
+                        const,
+                        score0,
+                        dev,
+                        jax.random.fold_in(rng, step),
+                        True,
+                    )
                 else:
                     trainable, opt_state, mut, m = step_fn(
                         trainable, opt_state, mut, const, dev, jax.random.fold_in(rng, step)
@@ -409,6 +433,10 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         "all_params": num_all,
         "finetuning_type": method.name,
     }
+    if reselect_every:
+        results["reselections"] = sum(
+            _reselects_at(s, method.selection_steps, reselect_every) for s in range(step)
+        )
     if jax.process_index() == 0:
         _write_json(out_dir / "eval_results.json", {k: v for k, v in metrics.items()})
         _write_json(out_dir / "all_results.json", results)
@@ -428,20 +456,53 @@ def save_sift_delta(result: TrainResult, base_params: Any, path, metadata=None) 
     import sift_jax
 
     indices = result.method.sparse_indices(result.frozen, result.opt_state)
+    if result.metrics.get("reselections"):
+        # Earlier selections changed other positions too: store every position that changed.
+        indices = jax.tree.map(
+            lambda i, new, old: (
+                None
+                if i is None
+                else np.union1d(
+                    np.asarray(i), np.flatnonzero(np.asarray(new) != np.asarray(old))
+                ).astype(np.int32)
+            ),
+            indices,
+            result.params,
+            base_params,
+            is_leaf=lambda x: x is None,
+        )
     delta = sift_jax.extract_delta(result.params, base_params, indices)
     sift_jax.save_delta(delta, str(path), metadata or {})
     return str(path)
+
+
+def _reselects_at(step: int, selection_steps: int, every: int) -> bool:
+    """Whether step ``step`` (0-based) re-selects: every ``every`` steps after the first
+    selection, which ends at step ``selection_steps - 1``."""
+    since = step - (selection_steps - 1)
+    return since > 0 and since % every == 0
+
+
+def _zero_score(mut: dict) -> dict:
+    return {p: jnp.zeros(x.shape, jnp.float32) for p, x in flatten_paths(mut["w"]).items()}
 
 
 def _frozen(mut: dict, const: Any) -> Any:
     return {**const, **mut} if mut else const
 
 
-def _extra(method: Method, frozen, score) -> dict | None:
-    """Method state that lives outside trainable/opt_state and must be checkpointed."""
+def _extra(method: Method, frozen, score, cfg=None) -> dict | None:
+    """Method state that lives outside trainable/opt_state and must be checkpointed.
+
+    With re-selection the targeted weights have earlier increments folded in, so they (and the
+    values they held at the current indices) are saved too; otherwise base + increments
+    rebuilds them.
+    """
     if method.path != "compact":
         return None
     out = {"idx": frozen["idx"]}
+    if getattr(cfg, "reselect_every", 0):
+        out.update(w=frozen["w"], sel=frozen["sel"])
     if score:
         out["score"] = unflatten_paths(score)
     return out
