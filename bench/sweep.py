@@ -38,6 +38,7 @@ from sift_jax._src.selection import count_for_rate
 
 RESULTS = Path("docs/study/runs.jsonl")
 PLOT = Path("docs/budget_curve.png")
+COMPILE_CACHE = Path.home() / ".cache" / "sift_jax" / "sweep_xla_cache"
 
 #: The fixed training protocol of every sweep run (``train.glue`` flags).
 PROTOCOL = dict(
@@ -234,6 +235,9 @@ def run_one(run: Run, seed: int) -> dict:
 def run_sweeps(names: list[str], seeds: list[int], only: str | None = None) -> None:
     """Runs the named sweeps seed by seed (all configurations of seed 0 first), resumably."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    # Seeds of one configuration compile the same programs: keep them across runs.
+    jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     runs = [r for n in names for r in SWEEPS[n]()]
     if only:
         runs = [r for r in runs if only in r.label]
@@ -262,7 +266,7 @@ def summarize(recs: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in recs:
         out.setdefault(r["label"], {"recs": []})["recs"].append(r)
-    for label, d in out.items():
+    for d in out.values():
         acc = np.array([r["eval_accuracy"] for r in d["recs"]])
         d.update(
             mean=float(acc.mean()),
@@ -278,9 +282,119 @@ def summarize(recs: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _fmt(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    spread = f" ± {d['std']:.3f}" if d["n"] > 1 else ""
+    return f"{d['mean']:.3f}{spread} (n={d['n']})"
+
+
+def _paired(summary: dict, label: str, ref: str) -> str:
+    """Mean ± std over seeds of ``acc(label) - acc(ref)`` (same seed = same data order/init)."""
+    if label not in summary or ref not in summary:
+        return "–"
+    a = {r["seed"]: r["eval_accuracy"] for r in summary[label]["recs"]}
+    b = {r["seed"]: r["eval_accuracy"] for r in summary[ref]["recs"]}
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
+    if d.size == 0:
+        return "–"
+    spread = f" ± {d.std(ddof=1):.3f}" if d.size > 1 else ""
+    return f"{d.mean():+.3f}{spread}"
+
+
+def majority_baseline() -> float:
+    """Accuracy of always predicting the dev split's most frequent label."""
+    from train.data.glue import load_task
+
+    labels = np.asarray(load_task("mr").eval["validation"]["label"])
+    return float(np.bincount(labels).max() / labels.size)
+
+
 def report() -> None:
     """Prints the markdown tables and draws :data:`PLOT` from the recorded runs."""
-    raise NotImplementedError
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = load_records()
+    s = summarize(recs)
+    total_h = sum(r["wall_s"] for r in recs) / 3600
+    print(f"{len(recs)} runs recorded, {total_h:.2f} h of run wall time in all.\n")
+    methods = ("sift-grad", "sift-random", "sift-magnitude", "lora")
+    print("## Part 1: dev accuracy vs trainable parameters (mean ± std over seeds)\n")
+    print("| method | " + " | ".join(f"~{b:,}" for b in BUDGETS) + " |")
+    print("|---" * (len(BUDGETS) + 1) + "|")
+    for m in methods:
+        cells = []
+        for b in BUDGETS:
+            d = s.get(f"{m}@{b}")
+            cells.append("–" if d is None else f"{_fmt(d)} [{d['params']:,}]")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    for label in ("full", "classifier-only"):
+        d = s.get(label)
+        if d:
+            print(f"\n{label}: {_fmt(d)} [{d['params'] + 770:,} params incl. head]")
+    maj = majority_baseline()
+    print(f"\nmajority-class baseline: {maj:.3f}")
+    print("\n[params] = trainable parameters excluding the 770-parameter classifier head.")
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {
+        "sift-grad": ("C0", "o", "SIFT, gradient selection"),
+        "sift-random": ("C1", "s", "SIFT, random selection"),
+        "sift-magnitude": ("C2", "^", "SIFT, magnitude selection"),
+        "lora": ("C3", "D", "LoRA (query/value), matched"),
+    }
+    for m, (c, mk, name) in styles.items():
+        pts = [s[f"{m}@{b}"] for b in BUDGETS if f"{m}@{b}" in s]
+        if not pts:
+            continue
+        x = [d["params"] for d in pts]
+        y = np.array([d["mean"] for d in pts])
+        e = np.array([0 if d["n"] < 2 else d["std"] for d in pts])
+        ax.errorbar(x, y, yerr=e, color=c, marker=mk, capsize=3, label=name)
+        for d in pts:
+            accs = [r["eval_accuracy"] for r in d["recs"]]
+            ax.scatter([d["params"]] * len(accs), accs, color=c, s=8, alpha=0.35)
+    for label, c, name in (("full", "k", "full fine-tuning"), ("classifier-only", "gray", None)):
+        if label in s:
+            d = s[label]
+            ax.axhline(d["mean"], color=c, ls="--", label=f"{name or label} ({d['mean']:.3f})")
+            if d["n"] > 1:
+                ax.axhspan(d["mean"] - d["std"], d["mean"] + d["std"], color=c, alpha=0.08)
+    ax.axhline(maj, color="gray", ls=":", label=f"majority class ({maj:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (excluding the 770-parameter classifier head)")
+    ax.set_ylabel("dev accuracy (mr, 1,056 sentences)")
+    seeds = sorted({r["seed"] for r in recs if r["sweep"] == "budget"})
+    ax.set_title(f"MiniLM-L6 on mr, 3,000 training sentences, 1 epoch; seeds {seeds}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    print(f"\nwrote {PLOT}")
+
+    ref = "sift-grad@28416"
+    print("\n## Part 3: selecting on more batches, re-selecting (SIFT rate 0.008)\n")
+    print("| configuration | dev accuracy | paired difference vs 1 batch, select once |")
+    print("|---|---|---|")
+    print(f"| selection_steps=1 (default) | {_fmt(s.get(ref))} | |")
+    for r in selection_runs():
+        name = r.label.split(" ", 1)[1]
+        print(f"| {name} | {_fmt(s.get(r.label))} | {_paired(s, r.label, ref)} |")
+    print("\n## Part 4: the original code's semantics (SIFT rate 0.008)\n")
+    print("| configuration | dev accuracy | paired difference vs ours |")
+    print("|---|---|---|")
+    print(f"| ours | {_fmt(s.get(ref))} | |")
+    for r in original_runs():
+        name = r.label.split(": ", 1)[1]
+        print(f"| {name} | {_fmt(s.get(r.label))} | {_paired(s, r.label, ref)} |")
+    print("\n## Wall time per run (mean, this machine)\n")
+    print("| configuration | runs | wall s/run |")
+    print("|---|---|---|")
+    for label, d in s.items():
+        print(f"| {label} | {d['n']} | {d['wall_s']:.0f} |")
 
 
 def main() -> None:

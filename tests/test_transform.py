@@ -157,6 +157,15 @@ def test_random_and_magnitude_and_callable_selection():
         sparse_increment(6, optax.sgd(1.0), selection=lambda s, p, k, key: jnp.arange(k) * 2)
     )
     np.testing.assert_array_equal(c, np.arange(6) * 2)
+    # A callable's indices in any order: sorted before the (sorted-index) gathers and scatters,
+    # so the update lands exactly where the same indices in order put it.
+    unsorted = lambda s, p, k, key: (jnp.arange(k) * 2)[::-1]
+    runs = []
+    for sel in (lambda s, p, k, key: jnp.arange(k) * 2, unsorted):
+        opt = sparse_increment(6, optax.sgd(1.0), selection=sel, update_on_selection=True)
+        runs.append(jax.jit(opt.update)(g, opt.init(params), params))
+    assert np.asarray(runs[1][0]["encoder"]["ffn"]["kernel"]).ravel()[10] != 0
+    jax.tree.map(np.testing.assert_array_equal, runs[1], runs[0])
     opt = sparse_increment(6, optax.sgd(1.0), selection="magnitude")
     with pytest.raises(ValueError, match="needs params"):
         opt.update(g, opt.init(params))

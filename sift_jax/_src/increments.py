@@ -55,7 +55,8 @@ def select_indices(
             continue
         kk = _leaf_k(k, path_to_str(path), s)
         ref = p if p is not None else s
-        out.append(jnp.asarray(fn(s, ref, kk, jax.random.fold_in(key, j)), jnp.int32))
+        idx = jnp.asarray(fn(s, ref, kk, jax.random.fold_in(key, j)), jnp.int32)
+        out.append(idx if isinstance(selection, str) else jnp.sort(idx))  # callables may not sort
         j += 1
     return jax.tree.unflatten(treedef, out)
 

@@ -98,9 +98,14 @@ def _unravel(idx: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
-    if x.ndim == 0:
-        return x.reshape(1)[idx]
-    return x[_unravel(idx, x.shape)]
+    """``x.ravel()[idx]`` for sorted, distinct, in-range flat indices.
+
+    A gather through the flat view: a reshape costs nothing here (unlike before a scatter that
+    should run in place) and a 1-D index gather is ~30% faster on CPU than the unravelled one.
+    """
+    return x.reshape(-1).at[idx].get(
+        mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True
+    )
 
 
 def _scatter(values: jax.Array, idx: jax.Array, shape: tuple[int, ...], dtype: Any, op: str):
@@ -185,7 +190,8 @@ def sparse_increment(
         dense: which leaves train densely (same forms); takes precedence over ``sparse``.
         selection: ``"grad"`` (top-k of accumulated ``|g|``), ``"random"``, ``"magnitude"``
             (top-k of ``|param|``; needs ``params`` in ``update``) or a callable
-            ``(score, param, k, key) -> int32[k]`` with ``score`` the accumulated ``|g|``.
+            ``(score, param, k, key) -> int32[k]`` (k distinct flat indices, in any order)
+            with ``score`` the accumulated ``|g|``.
         selection_steps: number of updates whose gradients are summed for selection. Values > 1
             with ``"grad"`` (or a callable) keep an fp32 accumulator of size n per sparse leaf.
         seed: seed for random selection.
@@ -305,7 +311,9 @@ def sparse_increment(
                     s = None
                 ref = p_leaves[i] if p_leaves[i] is not None else grads[i]
                 idx = sel_fn(s, ref, idx_in[i].shape[0], jax.random.fold_in(state.key, j))
-                out.append(jnp.asarray(idx, jnp.int32).reshape(idx_in[i].shape))
+                idx = jnp.asarray(idx, jnp.int32).reshape(idx_in[i].shape)
+                # Gathers and scatters assume sorted indices; a user callable may not sort.
+                out.append(idx if isinstance(selection, str) else jnp.sort(idx))
             return out
 
         old = [idx_in[i] for i in sparse_ids]
