@@ -280,6 +280,8 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         trainable, opt_state, rng, meta, extra = ckpt.restore(
             step, method, trainable, opt_state, rng, extra_template=_extra(method, mut, None, cfg)
         )
+        # What was created uncommitted (on one device) comes back committed to that device.
+        trainable, opt_state, rng, extra = _onto_mesh((trainable, opt_state, rng, extra), mesh)
         if extra and "w" in extra:  # re-selection: the merged weights were checkpointed
             mut = {k: extra[k] for k in ("w", "idx", "sel")}
         elif extra and "idx" in extra:
@@ -481,6 +483,19 @@ def _reselects_at(step: int, selection_steps: int, every: int) -> bool:
     selection, which ends at step ``selection_steps - 1``."""
     since = step - (selection_steps - 1)
     return since > 0 and since % every == 0
+
+
+def _onto_mesh(tree: Any, mesh) -> Any:
+    """Replicates over ``mesh`` every leaf that sits on a single device (a multi-device mesh
+    only), so a step's arguments never mix one-device and mesh placements."""
+    if mesh.size == 1:
+        return tree
+
+    def put(x):
+        single = isinstance(x, jax.Array) and len(x.sharding.device_set) == 1
+        return jax.device_put(x, mesh_lib.replicated(mesh)) if single else x
+
+    return jax.tree.map(put, tree)
 
 
 def _zero_score(mut: dict) -> dict:
