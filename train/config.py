@@ -88,6 +88,15 @@ class TrainConfig:
         "weight decay on the selected weights.",
         choices=["lagged", "no_selection_update", "no_sparse_decay"],
     )
+    selection_scope: str = _f(
+        "global",
+        "SIFT (compact path): 'global' takes each targeted tensor's top-k over the whole tensor; "
+        "'shard' splits it into the S blocks of its sharding on the --mesh and takes the top "
+        "ceil(k/S) of |gradient| within each block, so selection, the gradient gather and the "
+        "increment write run on each device's own block with no cross-device traffic (not the "
+        "global top-k; see docs/sharding.md). Supports --selection grad and magnitude.",
+        choices=["global", "shard"],
+    )
     sift_path: str = _f(
         "compact",
         "SIFT training path: 'compact' (trainable = the k-vectors of increments, gradients and "

@@ -22,9 +22,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import sift_jax
+from sift_jax._src import shard_local
 from sift_jax._src.paths import flatten_paths, path_to_str, unflatten_paths
 
 Params = dict[str, Any]
@@ -170,6 +172,11 @@ class Method:
     sparse_indices: Callable[[Params, Any], Params] | None = None
     post_update: Callable[[Params, Params], Params] | None = None
     reselect: Callable[[Params, Params], Params] | None = None
+    # Shard-local selection (``--selection_scope shard``): {path: ShardLayout} of the targeted
+    # tensors, and the index conversions for what outside the step needs global flat indices.
+    shard_layouts: dict[str, Any] | None = None
+    idx_to_global: Callable[[Params], Params] | None = None
+    idx_from_global: Callable[[Params], Params] | None = None
 
 
 def _split(params: Params, is_trained: Callable[[str], bool]) -> tuple[Params, Params]:
@@ -266,6 +273,8 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
     sparse = {p: flat[p] for p, r in roles.items() if r == "sparse"}
     dense = {p: flat[p] for p, r in roles.items() if r == "dense"}
     ks = {p: sift_jax.count_for_rate(cfg.sparse_rate, x.size) for p, x in sparse.items()}
+    if getattr(cfg, "selection_scope", "global") == "shard":
+        return _shard_local_compact(cfg, schedule, params, flat, sparse, dense, ks)
     trainable = {
         "delta": unflatten_paths({p: jnp.zeros((ks[p],), jnp.float32) for p in sparse}),
         "dense": unflatten_paths(dense),
@@ -308,17 +317,7 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         """Frozen state for new indices (w must still hold the base values)."""
         return {**f, "idx": idx, "sel": sift_jax.gather_at(f["w"], idx)}
 
-    emulate = set(getattr(cfg, "sift_emulate", None) or ())
-    mask = decay_mask
-    if "no_sparse_decay" in emulate:  # the original decayed a zeroed increment: no decay at all
-
-        def mask(tree):
-            no = jax.tree.map(lambda _: False, tree["delta"])
-            return {"delta": no, "dense": decay_mask(tree["dense"])}
-
-    opt = adamw(cfg, schedule, mask)
-    if "lagged" in emulate:
-        opt = lag_increments(opt)
+    opt = _compact_optimizer(cfg, schedule)
     n = sum(ks.values()) + sum(x.size for x in dense.values())
     return Method(
         "sift",
@@ -333,6 +332,118 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         sparse_indices=sparse_indices,
         post_update=post_update,
         reselect=reselect,
+    )
+
+
+def _compact_optimizer(cfg, schedule) -> optax.GradientTransformation:
+    emulate = set(getattr(cfg, "sift_emulate", None) or ())
+    mask = decay_mask
+    if "no_sparse_decay" in emulate:  # the original decayed a zeroed increment: no decay at all
+
+        def mask(tree):
+            no = jax.tree.map(lambda _: False, tree["delta"])
+            return {"delta": no, "dense": decay_mask(tree["dense"])}
+
+    opt = adamw(cfg, schedule, mask)
+    if "lagged" in emulate:
+        opt = lag_increments(opt)
+    return opt
+
+
+def _shard_local_compact(cfg, schedule, params, flat, sparse, dense, ks) -> Method:
+    """The compact path with ``--selection_scope shard``.
+
+    Each targeted tensor split into ``S`` blocks by its sharding trains ``ceil(k / S)`` entries
+    per block, chosen within the block; indices are kept *local* to their block in an
+    ``int32[S * k_local]`` vector sharded like the tensor, so the backward's gather of
+    ``grad_W``, the in-place write of the increments and the selection itself run per device
+    with no communication (:mod:`sift_jax._src.shard_local`). Global flat indices are formed
+    only outside the step (:attr:`Method.sparse_indices`, checkpoints).
+    """
+    if cfg.selection == "random":
+        raise ValueError(
+            "--selection_scope shard supports --selection grad (the default) and magnitude, "
+            "not random."
+        )
+    lay = {p: shard_local.layout_for(x, ks[p]) for p, x in sparse.items()}
+    trainable = {
+        "delta": unflatten_paths({p: shard_local.zeros_vector(lay[p], jnp.float32) for p in lay}),
+        "dense": unflatten_paths(dense),
+    }
+    frozen = {
+        "base": unflatten_paths({p: x for p, x in flat.items() if p not in sparse}),
+        "w": unflatten_paths(sparse),
+        "idx": unflatten_paths({p: shard_local.placeholder_indices(lay[p]) for p in lay}),
+        "sel": unflatten_paths(
+            {p: shard_local.zeros_vector(lay[p], x.dtype) for p, x in sparse.items()}
+        ),
+    }
+
+    def combine(t, f):
+        out = flatten_paths(f["base"])
+        idx, delta, w = flatten_paths(f["idx"]), flatten_paths(t["delta"]), flatten_paths(f["w"])
+        for p in idx:
+            out[p] = shard_local.increment_view_fn(lay[p])(w[p], delta[p], idx[p])
+        out.update(flatten_paths(t["dense"]))
+        return unflatten_paths(out)
+
+    def post_update(t, f):
+        w, idx, sel = flatten_paths(f["w"]), flatten_paths(f["idx"]), flatten_paths(f["sel"])
+        delta = flatten_paths(t["delta"])
+        out = {p: shard_local.write_local(w[p], idx[p], sel[p], delta[p], lay[p]) for p in w}
+        return {**f, "w": unflatten_paths(out)}
+
+    def opt_params(t, f):
+        sel, delta = flatten_paths(f["sel"]), flatten_paths(t["delta"])
+        return {
+            "delta": unflatten_paths({p: sel[p].astype(jnp.float32) + delta[p] for p in sel}),
+            "dense": t["dense"],
+        }
+
+    def reselect(f, idx):
+        w, i = flatten_paths(f["w"]), flatten_paths(idx)
+        sel = {p: shard_local.gather_local(w[p], i[p], lay[p]) for p in i}
+        return {**f, "idx": idx, "sel": unflatten_paths(sel)}
+
+    def idx_to_global(idx):
+        i = flatten_paths(idx)
+        out = {
+            p: jax.device_put(shard_local.to_global(i[p], lay[p]), lay[p].vector_sharding())
+            for p in i
+        }
+        return unflatten_paths(out)
+
+    def idx_from_global(idx):
+        i = flatten_paths(idx)
+        out = {
+            p: jax.device_put(shard_local.from_global(i[p], lay[p]), lay[p].vector_sharding())
+            for p in i
+        }
+        return unflatten_paths(out)
+
+    def sparse_indices(f, opt_state):
+        full = {p: None for p in flatten_paths(params)}
+        i = flatten_paths(f["idx"])
+        full.update({p: jnp.asarray(np.sort(shard_local.to_global(i[p], lay[p]))) for p in i})
+        return unflatten_paths(full)
+
+    n = sum(x.size for x in lay.values()) + sum(x.size for x in dense.values())
+    return Method(
+        "sift",
+        trainable,
+        frozen,
+        combine,
+        _compact_optimizer(cfg, schedule),
+        lambda s: n,
+        path="compact",
+        selection_steps=cfg.selection_steps,
+        opt_params=opt_params,
+        sparse_indices=sparse_indices,
+        post_update=post_update,
+        reselect=reselect,
+        shard_layouts=lay,
+        idx_to_global=idx_to_global,
+        idx_from_global=idx_from_global,
     )
 
 
@@ -362,6 +473,7 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
     """
     opt = method.optimizer
     in_backward = not selection_needs_score(cfg)
+    lay = method.shard_layouts  # shard-local selection: per-block ops, local indices
 
     def step(trainable, opt_state, mut, const, score, batch, rng, last):
         frozen = {**const, **mut}
@@ -383,7 +495,10 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
 
             def probe_loss(args, b, r):
                 pr, dense = args
-                w = {p: sift_jax.topk_probe(w_sparse[p], pr[p]) for p in pr}
+                if lay is None:
+                    w = {p: sift_jax.topk_probe(w_sparse[p], pr[p]) for p in pr}
+                else:
+                    w = {p: shard_local.topk_probe_fn(lay[p])(w_sparse[p], pr[p]) for p in pr}
                 return loss_with(w, dense, b, r)
 
             loss, (g_pr, g_dense) = accum_grads(
@@ -395,7 +510,14 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
         else:
             loss, (g_w, g_dense) = accum_grads(loss_of, (w_sparse, trainable["dense"]), batch, rng)
             score = {p: score[p] + jnp.abs(g_w[p]).astype(jnp.float32) for p in sparse_paths}
-            if last:
+            if last and lay is not None:  # grad or magnitude, top-k within each block
+                by = score if cfg.selection == "grad" else w_sparse
+                idx = {
+                    p: shard_local.topk_local(jnp.abs(by[p].astype(jnp.float32)), lay[p])
+                    for p in sparse_paths
+                }
+                frozen = method.reselect(frozen, unflatten_paths(idx))
+            elif last:
                 idx = flatten_paths(
                     sift_jax.select_indices(
                         unflatten_paths(score),
@@ -406,10 +528,16 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
                     )
                 )
                 frozen = method.reselect(frozen, unflatten_paths(idx))
-            g_sel = {
-                p: sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
-                for p in sparse_paths
-            }
+            if lay is not None:
+                g_sel = {
+                    p: shard_local.gather_local(g_w[p], idx[p], lay[p]).astype(jnp.float32)
+                    for p in sparse_paths
+                }
+            else:
+                g_sel = {
+                    p: sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
+                    for p in sparse_paths
+                }
         if "no_selection_update" in (getattr(cfg, "sift_emulate", None) or ()):
             mut = {k: v for k, v in frozen.items() if k != "base"}
             norm = optax.tree.norm((g_sel, g_dense))
@@ -476,6 +604,8 @@ def build_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
     compact_only = [
         f"--{flag}" for flag in ("reselect_every", "sift_emulate") if getattr(cfg, flag, None)
     ]
+    if getattr(cfg, "selection_scope", "global") != "global":
+        compact_only.append(f"--selection_scope {cfg.selection_scope}")
     if compact_only and (cfg.finetuning_type != "sift" or cfg.sift_path != "compact"):
         raise ValueError(
             f"{' and '.join(compact_only)} need(s) --finetuning_type sift --sift_path compact "
