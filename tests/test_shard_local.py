@@ -224,6 +224,25 @@ def test_score_based_selection_is_per_block_too(tmp_path, kw):
     assert res.losses[-1] < res.losses[0]
 
 
+def test_periodic_reselection_stays_per_block_and_exports_exactly(tmp_path):
+    mesh, specs = "data=2,fsdp=4", SPECS["data=2,fsdp=4"]
+    res = train(
+        shard_cfg(tmp_path, mesh, reselect_every=5),
+        toy_task(),
+        toy_params(),
+        place_params=placer(specs),
+    )
+    assert res.metrics["reselections"] == 3  # steps 5, 10, 15 of 16
+    q0, q = np.asarray(get(toy_params(), Q)), np.asarray(get(res.params, Q))
+    idx = np.asarray(get(res.method.sparse_indices(res.frozen, res.opt_state), Q))
+    parts = blocks(q0.shape, specs[Q], parse_mesh(mesh))
+    assert [int(np.isin(idx, ids).sum()) for ids in parts] == [len(idx) // 4] * 4
+    assert len(np.flatnonzero(q != q0)) > len(idx)  # earlier selections stay folded in
+    path = save_sift_delta(res, toy_params(), tmp_path / "d.safetensors")
+    merged = sift_jax.merge_delta(toy_params(), sift_jax.load_delta(path))
+    jax.tree.map(np.testing.assert_array_equal, merged, jax.device_get(res.params))
+
+
 # --- communication ------------------------------------------------------------------------------
 
 
