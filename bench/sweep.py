@@ -191,7 +191,25 @@ def original_runs() -> list[Run]:
     return runs
 
 
-SWEEPS = {"budget": budget_runs, "selection": selection_runs, "original": original_runs}
+def lr_runs() -> list[Run]:
+    """Is the fixed learning rate fair? SIFT and LoRA at ~28k parameters, other rates."""
+    b = 28_416
+    runs = [
+        _sift("lr", f"sift-grad@{b} lr={lr:g}", b, learning_rate=lr) for lr in (3e-4, 3e-3, 1e-2)
+    ]
+    for lr in (3e-4, 3e-3):
+        lo = dict(finetuning_type="lora", lora_exception=["classifier"], **lora_overrides(b))
+        lo["learning_rate"] = lr
+        runs.append(Run("lr", f"lora@{b} lr={lr:g}", "lora", b, tuple(sorted(lo.items()))))
+    return runs
+
+
+SWEEPS = {
+    "budget": budget_runs,
+    "selection": selection_runs,
+    "original": original_runs,
+    "lr": lr_runs,
+}
 
 
 def _done() -> set[tuple[str, int]]:
@@ -390,6 +408,16 @@ def report() -> None:
     for r in original_runs():
         name = r.label.split(": ", 1)[1]
         print(f"| {name} | {_fmt(s.get(r.label))} | {_paired(s, r.label, ref)} |")
+    print("\n## Learning-rate check (seed 0 unless n says more)\n")
+    print("| configuration | dev accuracy |")
+    print("|---|---|")
+    for label in ("sift-grad@28416", "lora@28416"):
+        print(
+            f"| {label} lr={LR[label.split('-')[0].split('@')[0]]:g} (sweep default) | "
+            f"{_fmt(s.get(label))} |"
+        )
+    for r in lr_runs():
+        print(f"| {r.label} | {_fmt(s.get(r.label))} |")
     print("\n## Wall time per run (mean, this machine)\n")
     print("| configuration | runs | wall s/run |")
     print("|---|---|---|")
