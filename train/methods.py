@@ -172,11 +172,10 @@ class Method:
     sparse_indices: Callable[[Params, Any], Params] | None = None
     post_update: Callable[[Params, Params], Params] | None = None
     reselect: Callable[[Params, Params], Params] | None = None
-    # Shard-local selection (``--selection_scope shard``): {path: ShardLayout} of the targeted
-    # tensors, and the index conversions for what outside the step needs global flat indices.
+    # The compact path's per-tensor operations (global or shard-local indices, incl. the index
+    # conversions for checkpoints) and, with ``--selection_scope shard``, {path: ShardLayout}.
+    compact_ops: Any = None
     shard_layouts: dict[str, Any] | None = None
-    idx_to_global: Callable[[Params], Params] | None = None
-    idx_from_global: Callable[[Params], Params] | None = None
 
 
 def _split(params: Params, is_trained: Callable[[str], bool]) -> tuple[Params, Params]:
@@ -273,10 +272,9 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
     sparse = {p: flat[p] for p, r in roles.items() if r == "sparse"}
     dense = {p: flat[p] for p, r in roles.items() if r == "dense"}
     ks = {p: sift_jax.count_for_rate(cfg.sparse_rate, x.size) for p, x in sparse.items()}
-    if getattr(cfg, "selection_scope", "global") == "shard":
-        return _shard_local_compact(cfg, schedule, params, flat, sparse, dense, ks)
+    ops = _shard_local_ops(cfg, sparse, ks) if _scope(cfg) == "shard" else _global_ops(ks)
     trainable = {
-        "delta": unflatten_paths({p: jnp.zeros((ks[p],), jnp.float32) for p in sparse}),
+        "delta": unflatten_paths({p: ops.vector(p, jnp.float32) for p in sparse}),
         "dense": unflatten_paths(dense),
     }
     # "w": the targeted tensors, kept merged (W = base + scatter(delta)) in a buffer that the
@@ -285,21 +283,23 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
     frozen = {
         "base": unflatten_paths({p: x for p, x in flat.items() if p not in sparse}),
         "w": unflatten_paths(sparse),
-        "idx": unflatten_paths({p: jnp.arange(ks[p], dtype=jnp.int32) for p in sparse}),
-        "sel": unflatten_paths({p: jnp.zeros((ks[p],), x.dtype) for p, x in sparse.items()}),
+        "idx": unflatten_paths({p: ops.placeholder_idx(p) for p in sparse}),
+        "sel": unflatten_paths({p: ops.vector(p, x.dtype) for p, x in sparse.items()}),
     }
 
     def combine(t, f):
         out = flatten_paths(f["base"])
         idx, delta, w = flatten_paths(f["idx"]), flatten_paths(t["delta"]), flatten_paths(f["w"])
         for p in idx:
-            out[p] = sift_jax.increment_view(w[p], delta[p], idx[p])
+            out[p] = ops.view(p, w[p], delta[p], idx[p])
         out.update(flatten_paths(t["dense"]))
         return unflatten_paths(out)
 
     def post_update(t, f):
-        w = sift_jax.write_increments(f["w"], f["idx"], f["sel"], t["delta"])
-        return {**f, "w": w}
+        w, idx, sel = flatten_paths(f["w"]), flatten_paths(f["idx"]), flatten_paths(f["sel"])
+        delta = flatten_paths(t["delta"])
+        out = {p: ops.write(p, w[p], idx[p], sel[p], delta[p]) for p in w}
+        return {**f, "w": unflatten_paths(out)}
 
     def opt_params(t, f):
         sel, delta = flatten_paths(f["sel"]), flatten_paths(t["delta"])
@@ -310,21 +310,23 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
 
     def sparse_indices(f, opt_state):
         full = {p: None for p in flatten_paths(params)}
-        full.update(flatten_paths(f["idx"]))
+        i = flatten_paths(f["idx"])
+        full.update({p: ops.global_idx(p, i[p]) for p in i})
         return unflatten_paths(full)
 
     def reselect(f, idx):
-        """Frozen state for new indices (w must still hold the base values)."""
-        return {**f, "idx": idx, "sel": sift_jax.gather_at(f["w"], idx)}
+        """Frozen state for new indices (w must still hold the values to build on)."""
+        w, i = flatten_paths(f["w"]), flatten_paths(idx)
+        sel = {p: ops.gather(p, w[p], i[p]) for p in i}
+        return {**f, "idx": idx, "sel": unflatten_paths(sel)}
 
-    opt = _compact_optimizer(cfg, schedule)
-    n = sum(ks.values()) + sum(x.size for x in dense.values())
+    n = sum(ops.count(p) for p in sparse) + sum(x.size for x in dense.values())
     return Method(
         "sift",
         trainable,
         frozen,
         combine,
-        opt,
+        _compact_optimizer(cfg, schedule),
         lambda s: n,
         path="compact",
         selection_steps=cfg.selection_steps,
@@ -332,7 +334,14 @@ def sift_compact_method(params: Params, cfg, schedule) -> Method:
         sparse_indices=sparse_indices,
         post_update=post_update,
         reselect=reselect,
+        compact_ops=ops,
+        shard_layouts=ops.layouts,
     )
+
+
+def _scope(cfg) -> str:
+    """``--selection_scope`` (``global`` for configs that predate the flag)."""
+    return getattr(cfg, "selection_scope", "global")
 
 
 def _compact_optimizer(cfg, schedule) -> optax.GradientTransformation:
@@ -350,8 +359,41 @@ def _compact_optimizer(cfg, schedule) -> optax.GradientTransformation:
     return opt
 
 
-def _shard_local_compact(cfg, schedule, params, flat, sparse, dense, ks) -> Method:
-    """The compact path with ``--selection_scope shard``.
+@dataclass
+class _CompactOps:
+    """The per-tensor operations of the compact path, by path: global or shard-local indices."""
+
+    vector: Callable[[str, Any], jax.Array]  # (path, dtype) -> zero k-vector
+    placeholder_idx: Callable[[str], jax.Array]  # indices before selection
+    view: Callable  # (path, w, delta, idx) -> w read so that its gradient is grad_W[idx]
+    write: Callable  # (path, w, idx, sel, delta) -> w with sel + delta written at idx
+    gather: Callable  # (path, w, idx) -> w[idx]
+    probe: Callable  # (path, w, probe) -> w whose backward takes the top-k of grad_W
+    global_idx: Callable  # (path, idx) -> sorted-or-as-kept global flat indices
+    count: Callable[[str], int]  # trained entries of the tensor
+    idx_to_global: Callable[[Params], Params]  # index tree as kept -> global flat (checkpoints)
+    idx_from_global: Callable[[Params], Params]
+    layouts: Any = None
+
+
+def _global_ops(ks: dict[str, int]) -> _CompactOps:
+    """Top-k over each whole tensor; indices are global flat indices."""
+    return _CompactOps(
+        vector=lambda p, dtype: jnp.zeros((ks[p],), dtype),
+        placeholder_idx=lambda p: jnp.arange(ks[p], dtype=jnp.int32),
+        view=lambda p, w, delta, idx: sift_jax.increment_view(w, delta, idx),
+        write=lambda p, w, idx, sel, delta: sift_jax.write_increments(w, idx, sel, delta),
+        gather=lambda p, w, idx: sift_jax.gather_at(w, idx),
+        probe=lambda p, w, pr: sift_jax.topk_probe(w, pr),
+        global_idx=lambda p, idx: idx,
+        count=lambda p: ks[p],
+        idx_to_global=lambda idx: idx,
+        idx_from_global=lambda idx: idx,
+    )
+
+
+def _shard_local_ops(cfg, sparse: dict, ks: dict[str, int]) -> _CompactOps:
+    """``--selection_scope shard``: top-``ceil(k / S)`` within each of a tensor's ``S`` blocks.
 
     Each targeted tensor split into ``S`` blocks by its sharding trains ``ceil(k / S)`` entries
     per block, chosen within the block; indices are kept *local* to their block in an
@@ -366,84 +408,27 @@ def _shard_local_compact(cfg, schedule, params, flat, sparse, dense, ks) -> Meth
             "not random."
         )
     lay = {p: shard_local.layout_for(x, ks[p]) for p, x in sparse.items()}
-    trainable = {
-        "delta": unflatten_paths({p: shard_local.zeros_vector(lay[p], jnp.float32) for p in lay}),
-        "dense": unflatten_paths(dense),
-    }
-    frozen = {
-        "base": unflatten_paths({p: x for p, x in flat.items() if p not in sparse}),
-        "w": unflatten_paths(sparse),
-        "idx": unflatten_paths({p: shard_local.placeholder_indices(lay[p]) for p in lay}),
-        "sel": unflatten_paths(
-            {p: shard_local.zeros_vector(lay[p], x.dtype) for p, x in sparse.items()}
-        ),
-    }
 
-    def combine(t, f):
-        out = flatten_paths(f["base"])
-        idx, delta, w = flatten_paths(f["idx"]), flatten_paths(t["delta"]), flatten_paths(f["w"])
-        for p in idx:
-            out[p] = shard_local.increment_view_fn(lay[p])(w[p], delta[p], idx[p])
-        out.update(flatten_paths(t["dense"]))
-        return unflatten_paths(out)
+    def convert(fn):
+        def tree_fn(idx):
+            i = flatten_paths(idx)
+            out = {p: jax.device_put(fn(i[p], lay[p]), lay[p].vector_sharding()) for p in i}
+            return unflatten_paths(out)
 
-    def post_update(t, f):
-        w, idx, sel = flatten_paths(f["w"]), flatten_paths(f["idx"]), flatten_paths(f["sel"])
-        delta = flatten_paths(t["delta"])
-        out = {p: shard_local.write_local(w[p], idx[p], sel[p], delta[p], lay[p]) for p in w}
-        return {**f, "w": unflatten_paths(out)}
+        return tree_fn
 
-    def opt_params(t, f):
-        sel, delta = flatten_paths(f["sel"]), flatten_paths(t["delta"])
-        return {
-            "delta": unflatten_paths({p: sel[p].astype(jnp.float32) + delta[p] for p in sel}),
-            "dense": t["dense"],
-        }
-
-    def reselect(f, idx):
-        w, i = flatten_paths(f["w"]), flatten_paths(idx)
-        sel = {p: shard_local.gather_local(w[p], i[p], lay[p]) for p in i}
-        return {**f, "idx": idx, "sel": unflatten_paths(sel)}
-
-    def idx_to_global(idx):
-        i = flatten_paths(idx)
-        out = {
-            p: jax.device_put(shard_local.to_global(i[p], lay[p]), lay[p].vector_sharding())
-            for p in i
-        }
-        return unflatten_paths(out)
-
-    def idx_from_global(idx):
-        i = flatten_paths(idx)
-        out = {
-            p: jax.device_put(shard_local.from_global(i[p], lay[p]), lay[p].vector_sharding())
-            for p in i
-        }
-        return unflatten_paths(out)
-
-    def sparse_indices(f, opt_state):
-        full = {p: None for p in flatten_paths(params)}
-        i = flatten_paths(f["idx"])
-        full.update({p: jnp.asarray(np.sort(shard_local.to_global(i[p], lay[p]))) for p in i})
-        return unflatten_paths(full)
-
-    n = sum(x.size for x in lay.values()) + sum(x.size for x in dense.values())
-    return Method(
-        "sift",
-        trainable,
-        frozen,
-        combine,
-        _compact_optimizer(cfg, schedule),
-        lambda s: n,
-        path="compact",
-        selection_steps=cfg.selection_steps,
-        opt_params=opt_params,
-        sparse_indices=sparse_indices,
-        post_update=post_update,
-        reselect=reselect,
-        shard_layouts=lay,
-        idx_to_global=idx_to_global,
-        idx_from_global=idx_from_global,
+    return _CompactOps(
+        vector=lambda p, dtype: shard_local.zeros_vector(lay[p], dtype),
+        placeholder_idx=lambda p: shard_local.placeholder_indices(lay[p]),
+        view=lambda p, w, delta, idx: shard_local.increment_view_fn(lay[p])(w, delta, idx),
+        write=lambda p, w, idx, sel, delta: shard_local.write_local(w, idx, sel, delta, lay[p]),
+        gather=lambda p, w, idx: shard_local.gather_local(w, idx, lay[p]),
+        probe=lambda p, w, pr: shard_local.topk_probe_fn(lay[p])(w, pr),
+        global_idx=lambda p, idx: jnp.asarray(np.sort(shard_local.to_global(idx, lay[p]))),
+        count=lambda p: lay[p].size,
+        layouts=lay,
+        idx_to_global=convert(shard_local.to_global),
+        idx_from_global=convert(shard_local.from_global),
     )
 
 
@@ -473,6 +458,7 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
     """
     opt = method.optimizer
     in_backward = not selection_needs_score(cfg)
+    ops = method.compact_ops
     lay = method.shard_layouts  # shard-local selection: per-block ops, local indices
 
     def step(trainable, opt_state, mut, const, score, batch, rng, last):
@@ -495,10 +481,7 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
 
             def probe_loss(args, b, r):
                 pr, dense = args
-                if lay is None:
-                    w = {p: sift_jax.topk_probe(w_sparse[p], pr[p]) for p in pr}
-                else:
-                    w = {p: shard_local.topk_probe_fn(lay[p])(w_sparse[p], pr[p]) for p in pr}
+                w = {p: ops.probe(p, w_sparse[p], pr[p]) for p in pr}
                 return loss_with(w, dense, b, r)
 
             loss, (g_pr, g_dense) = accum_grads(
@@ -528,16 +511,7 @@ def make_selection_step(method: Method, cfg, loss_of_params: Callable, accum_gra
                     )
                 )
                 frozen = method.reselect(frozen, unflatten_paths(idx))
-            if lay is not None:
-                g_sel = {
-                    p: shard_local.gather_local(g_w[p], idx[p], lay[p]).astype(jnp.float32)
-                    for p in sparse_paths
-                }
-            else:
-                g_sel = {
-                    p: sift_jax.gather_at({p: g_w[p]}, {p: idx[p]})[p].astype(jnp.float32)
-                    for p in sparse_paths
-                }
+            g_sel = {p: ops.gather(p, g_w[p], idx[p]).astype(jnp.float32) for p in sparse_paths}
         if "no_selection_update" in (getattr(cfg, "sift_emulate", None) or ()):
             mut = {k: v for k, v in frozen.items() if k != "base"}
             norm = optax.tree.norm((g_sel, g_dense))
@@ -604,7 +578,7 @@ def build_method(params: Params, cfg, schedule, rng: jax.Array) -> Method:
     compact_only = [
         f"--{flag}" for flag in ("reselect_every", "sift_emulate") if getattr(cfg, flag, None)
     ]
-    if getattr(cfg, "selection_scope", "global") != "global":
+    if _scope(cfg) != "global":
         compact_only.append(f"--selection_scope {cfg.selection_scope}")
     if compact_only and (cfg.finetuning_type != "sift" or cfg.sift_path != "compact"):
         raise ValueError(

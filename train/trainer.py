@@ -282,8 +282,8 @@ def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None
         )
         # What was created uncommitted (on one device) comes back committed to that device.
         trainable, opt_state, rng, extra = _onto_mesh((trainable, opt_state, rng, extra), mesh)
-        if extra and method.idx_from_global is not None:  # saved as global flat indices
-            extra = {**extra, "idx": method.idx_from_global(extra["idx"])}
+        if extra and "idx" in extra:  # saved as global flat indices
+            extra = {**extra, "idx": method.compact_ops.idx_from_global(extra["idx"])}
         if extra and "w" in extra:  # re-selection: the merged weights were checkpointed
             mut = {k: extra[k] for k in ("w", "idx", "sel")}
         elif extra and "idx" in extra:
@@ -517,9 +517,8 @@ def _extra(method: Method, frozen, score, cfg=None) -> dict | None:
     """
     if method.path != "compact":
         return None
-    out = {"idx": frozen["idx"]}
-    if method.idx_to_global is not None:  # shard-local indices: store them mesh-independent
-        out["idx"] = method.idx_to_global(frozen["idx"])
+    # Global flat indices (shard-local ones converted), so a checkpoint is mesh-independent.
+    out = {"idx": method.compact_ops.idx_to_global(frozen["idx"])}
     if getattr(cfg, "reselect_every", 0):
         out.update(w=frozen["w"], sel=frozen["sel"])
     if score:
