@@ -394,20 +394,24 @@ def report() -> None:
     print(f"\nwrote {PLOT}")
 
     ref = "sift-grad@28416"
-    print("\n## Part 3: selecting on more batches, re-selecting (SIFT rate 0.008)\n")
-    print("| configuration | dev accuracy | paired difference vs 1 batch, select once |")
-    print("|---|---|---|")
-    print(f"| selection_steps=1 (default) | {_fmt(s.get(ref))} | |")
-    for r in selection_runs():
-        name = r.label.split(" ", 1)[1]
-        print(f"| {name} | {_fmt(s.get(r.label))} | {_paired(s, r.label, ref)} |")
-    print("\n## Part 4: the original code's semantics (SIFT rate 0.008)\n")
-    print("| configuration | dev accuracy | paired difference vs ours |")
-    print("|---|---|---|")
-    print(f"| ours | {_fmt(s.get(ref))} | |")
-    for r in original_runs():
-        name = r.label.split(": ", 1)[1]
-        print(f"| {name} | {_fmt(s.get(r.label))} | {_paired(s, r.label, ref)} |")
+
+    def paired_table(title, ref_name, vs, runs, sep):
+        print(f"\n## {title} (SIFT rate 0.008)\n")
+        print(f"| configuration | dev accuracy | paired difference vs {vs} |")
+        print("|---|---|---|")
+        print(f"| {ref_name} | {_fmt(s.get(ref))} | |")
+        for r in runs:
+            name = r.label.split(sep, 1)[1]
+            print(f"| {name} | {_fmt(s.get(r.label))} | {_paired(s, r.label, ref)} |")
+
+    paired_table(
+        "Part 3: selecting on more batches, re-selecting",
+        "selection_steps=1 (default)",
+        "1 batch, select once",
+        selection_runs(),
+        " ",
+    )
+    paired_table("Part 4: the original code's semantics", "ours", "ours", original_runs(), ": ")
     print("\n## Learning-rate check (seed 0 unless n says more)\n")
     print("| configuration | dev accuracy |")
     print("|---|---|")
