@@ -8,18 +8,26 @@ missing text column, empty text, and labels outside the task's classes each rais
 
 Where the data comes from (:func:`load_task`), first match wins:
 
-1. ``train_file`` / ``validation_file``: csv, json or jsonl read with ``datasets.load_dataset``;
-   columns as in HF ``run_glue.py``: the task's own text keys, or ``sentence1``/``sentence2``
-   (pairs) / ``sentence`` (single), and ``label`` (an id or a label name);
+1. ``train_file`` / ``validation_file``: csv or tsv (read with :mod:`csv`, a header line, tsv
+   with ``QUOTE_NONE``), json or jsonl (read with ``datasets.load_dataset``); columns as in HF
+   ``run_glue.py``: the task's own text keys, or ``sentence1``/``sentence2`` (pairs) /
+   ``sentence`` (single), and ``label`` (an id or a label name);
 2. ``glue_dir``: the standard GLUE TSV layout of ``download_glue_data.py`` (``RTE/train.tsv``,
    ``RTE/dev.tsv``, ``MNLI/dev_matched.tsv`` + ``dev_mismatched.tsv``; CoLA has no header);
 3. ``mr`` / ``mr-reg``: the embedded movie-review sentences (:mod:`train.data.mr`);
 4. the Hugging Face hub (``nyu-mll/glue``), unless ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is
    set or a 3-second probe of the hub fails: then a :class:`DataError` says how to use local files.
+
+Local text files are read as the official GLUE files need: UTF-8 with or without a byte-order
+mark (the MRPC files begin with one), TSV with ``csv.QUOTE_NONE`` (a field that begins with
+``"``, as in MRPC and RTE, is text, not a quoted field), every row with exactly the header's
+number of fields (CoLA, headerless: 4). A row with another number of fields, an empty line
+before the last row, and a file without rows raise a :class:`DataError` naming file and line.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 from collections.abc import Sequence
@@ -63,7 +71,10 @@ class TaskSpec:
         main_metric: the HF-style key the paper reports (``"eval_accuracy"``).
         glue_dir_name: folder name in the GLUE TSV layout (``"RTE"``), ``None`` for non-GLUE.
         tsv_columns: TSV column (name, or position for headerless CoLA) of each text key.
-        tsv_label: TSV label column (name or position).
+        tsv_label: TSV label column (name or position; a position means the TSV has no header).
+        tsv_files: TSV file name of each split (train first).
+        tsv_width: number of fields of every row of a headerless TSV (CoLA: 4); with a
+            header, the header's length is used.
     """
 
     name: str
@@ -78,6 +89,7 @@ class TaskSpec:
     tsv_files: dict[str, str] = field(
         default_factory=lambda: {"train": "train.tsv", "validation": "dev.tsv"}
     )
+    tsv_width: int | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -97,7 +109,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",),
             main_metric="eval_matthews_correlation", glue_dir_name="CoLA",
-            tsv_columns=(3,), tsv_label=1,
+            tsv_columns=(3,), tsv_label=1, tsv_width=4,  # source, label, original mark, text
         ),
         TaskSpec(
             "sst2", ("sentence",), ("negative", "positive"), ("accuracy",),
@@ -257,18 +269,57 @@ def _task_folder(spec: TaskSpec, glue_dir: Path) -> Path:
     )
 
 
+def _read_records(path: Path, delimiter: str, quoted: bool) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of every record of a delimited UTF-8 text file.
+
+    A leading byte-order mark is dropped (``utf-8-sig``). ``quoted=False`` reads with
+    ``csv.QUOTE_NONE``: one record per line, ``"`` is an ordinary character (GLUE TSVs).
+    ``quoted=True`` is the standard csv dialect (``strict``: a stray or unterminated quote is
+    an error instead of a silently merged row). Empty lines at the end of the file are dropped;
+    an empty line before the last record stays, as a record of no fields.
+    """
+    quoting = csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE
+    records: list[tuple[int, list[str]]] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=quoted)
+        last = 0  # line number of the previous record's last line (quoted fields span lines)
+        try:
+            for fields in reader:
+                records.append((last + 1, fields))
+                last = reader.line_num
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: cannot be parsed: {e}") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    while records and not records[-1][1]:
+        records.pop()
+    return records
+
+
+def _check_width(path: Path, records, width: int, delimiter: str) -> None:
+    """:class:`DataError` naming file and line for the first record without ``width`` fields."""
+    sep = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
+    for lineno, fields in records:
+        if len(fields) != width:
+            got = f"{len(fields)}: {delimiter.join(fields)[:80]!r}" if fields else "0 (empty line)"
+            raise DataError(
+                f"{path}, line {lineno}: expected {width} {sep}-separated fields, got {got}"
+            )
+
+
 def _read_tsv(spec: TaskSpec, path: Path):
     if not path.is_file():
         raise DataError(f"missing file {path} (task {spec.name})")
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = [ln.rstrip("\r\n") for ln in f]
+    records = _read_records(path, "\t", quoted=False)
+    if not records:
+        raise DataError(f"{path}: empty file (task {spec.name} needs rows)")
     headerless = isinstance(spec.tsv_label, int)
     if headerless:
-        index = {}
-        width = max([*(c for c in spec.tsv_columns), spec.tsv_label]) + 1
-        start = 0
+        pos, lab = list(spec.tsv_columns), spec.tsv_label
+        width = spec.tsv_width or max([*pos, lab]) + 1
+        body = records
     else:
-        header = lines[0].split("\t") if lines else []
+        header = records[0][1]
         index = {name: i for i, name in enumerate(header)}
         missing = [c for c in (*spec.tsv_columns, spec.tsv_label) if c not in index]
         if missing:
@@ -276,23 +327,14 @@ def _read_tsv(spec: TaskSpec, path: Path):
                 f"{path}: header lacks column(s) {missing} needed for task {spec.name}; "
                 f"found {header}"
             )
+        pos, lab = [index[c] for c in spec.tsv_columns], index[spec.tsv_label]
         width = len(header)
-        start = 1
-    pos = [c if headerless else index[c] for c in spec.tsv_columns]
-    lab = spec.tsv_label if headerless else index[spec.tsv_label]
-    rows, wheres = [], []
-    for lineno, line in enumerate(lines[start:], start + 1):
-        if not line.strip():
-            continue
-        parts = line.split("\t")
-        where = f"{path}, line {lineno}"
-        if len(parts) < width or (not headerless and len(parts) != width):
-            raise DataError(
-                f"{where}: expected {width} tab-separated fields, got {len(parts)}: {line[:80]!r}"
-            )
-        rows.append(([parts[p] for p in pos], parts[lab]))
-        wheres.append(where)
-    return _to_dataset(spec, rows, wheres)
+        body = records[1:]
+    if not body:
+        raise DataError(f"{path}: a header but no rows (task {spec.name} needs rows)")
+    _check_width(path, body, width, "\t")
+    rows = [([parts[p] for p in pos], parts[lab]) for _, parts in body]
+    return _to_dataset(spec, rows, [f"{path}, line {lineno}" for lineno, _ in body])
 
 
 def load_glue_dir(task: str, glue_dir: str | Path) -> TaskData:
@@ -331,19 +373,50 @@ def _file_builder(path: Path) -> str:
     raise DataError(f"{path}: unsupported extension {ext!r} (use .csv, .tsv, .json or .jsonl)")
 
 
-def _read_file(spec: TaskSpec, path: str | Path):
+def _read_csv_columns(path: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Columns and per-row ``where`` of a csv (standard quoting) or tsv (``QUOTE_NONE``) file."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    records = _read_records(path, delimiter, quoted=delimiter == ",")
+    if not records:
+        raise DataError(f"{path}: empty file (expected a header line and rows)")
+    header, body = records[0][1], records[1:]
+    if not body:
+        raise DataError(f"{path}: a header but no rows")
+    _check_width(path, body, len(header), delimiter)
+    columns = {name: [fields[i] for _, fields in body] for i, name in enumerate(header)}
+    wheres = [f"{path}, row {i} (line {lineno})" for i, (lineno, _) in enumerate(body, 1)]
+    return columns, wheres
+
+
+def _read_json_columns(path: Path) -> tuple[dict[str, list], list[str]]:
+    """Columns and per-row ``where`` of a json (list of records, or JSON lines) / jsonl file."""
     import datasets
 
+    if not path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff").strip():
+        raise DataError(f"{path}: empty file (expected JSON records)")
+    try:
+        raw = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as e:  # pyarrow / datasets parse errors; the cause says more
+        cause = e.__cause__ or e
+        raise DataError(f"{path}: cannot be read as json: {cause or type(cause).__name__}") from e
+    if raw.num_rows == 0:
+        raise DataError(f"{path}: no records")
+    jsonl = path.suffix.lower() == ".jsonl"
+    wheres = [
+        f"{path}, row {i}" + (f" (line {i})" if jsonl else "") for i in range(1, raw.num_rows + 1)
+    ]
+    return raw.to_dict(), wheres
+
+
+def _read_file(spec: TaskSpec, path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing file {path} (task {spec.name})")
-    builder = _file_builder(path)
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    try:
-        raw = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # pyarrow / datasets parse errors
-        raise DataError(f"{path}: cannot be read as {builder}: {e}") from e
-    cols = set(raw.column_names)
+    if _file_builder(path) == "csv":
+        data, wheres = _read_csv_columns(path)
+    else:
+        data, wheres = _read_json_columns(path)
+    cols = set(data)
     keys = list(spec.text_keys)
     if not set(keys) <= cols:
         generic = ["sentence1", "sentence2"] if len(keys) == 2 else ["sentence"]
@@ -356,15 +429,7 @@ def _read_file(spec: TaskSpec, path: str | Path):
             )
     if "label" not in cols:
         raise DataError(f"{path}: no 'label' column; found {sorted(cols)}")
-    line0 = 2 if builder == "csv" else 1  # csv: header on line 1
-    rows, wheres = [], []
-    data = raw.to_dict()
-    for i in range(raw.num_rows):
-        where = f"{path}, row {i + 1}"
-        if builder == "csv" or path.suffix.lower() == ".jsonl":
-            where += f" (line {i + line0})"
-        rows.append(([data[k][i] for k in keys], data["label"][i]))
-        wheres.append(where)
+    rows = [([data[k][i] for k in keys], data["label"][i]) for i in range(len(wheres))]
     return _to_dataset(spec, rows, wheres)
 
 
