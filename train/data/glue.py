@@ -392,11 +392,14 @@ def _read_json_columns(path: Path) -> tuple[dict[str, list], list[str]]:
     """Columns and per-row ``where`` of a json (list of records, or JSON lines) / jsonl file."""
     import datasets
 
-    if not path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff").strip():
+    text = path.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+    if not text:
         raise DataError(f"{path}: empty file (expected JSON records)")
     try:
         raw = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # pyarrow / datasets parse errors; the cause says more
+        if "".join(text.split()) in ("[]", "{}"):
+            raise DataError(f"{path}: no records") from e
         cause = e.__cause__ or e
         raise DataError(f"{path}: cannot be read as json: {cause or type(cause).__name__}") from e
     if raw.num_rows == 0:
