@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -247,7 +248,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", crash)  # after the bytes were written, before the rename
     bigger = extract_delta(tuned, base, {"w": np.array([1, 2, 3])})
     with pytest.raises(OSError, match="disk on fire"):
-        save_delta(bigger, path, {"v": 2})
+        save_delta(bigger, path, {"v": 2}, overwrite=True)
     with pytest.raises(OSError, match="disk on fire"):
         save_delta(bigger, tmp_path / "new.safetensors")
     assert path.read_bytes() == before  # the old file is intact ...
@@ -298,3 +299,286 @@ def test_sparse_delta_is_a_pytree_of_its_arrays():
     _, _, delta = base_and_delta()
     leaves = jax.tree.leaves(delta)
     assert [x.dtype for x in leaves] == [np.int32, np.float64]
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def saved(tmp_path, name="d.safetensors", metadata=None):
+    base, tuned, delta = base_and_delta()
+    path = tmp_path / name
+    save_delta(delta, path, metadata)
+    return base, tuned, path
+
+
+def data_start(raw: bytes) -> int:
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+def test_flipped_tensor_bytes_are_detected_and_named(tmp_path):
+    base, _, path = saved(tmp_path)
+    raw = bytearray(path.read_bytes())
+    # tensors are laid out by item size then name: w.values (float64) first
+    raw[data_start(raw) + 6] ^= 0x40  # inside the increment: 1.0 -> 1.0 * 2**-124 or so
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"d\.safetensors: tensor 'w\.values' fails its sha256"):
+        load_delta(path)
+
+
+def test_edited_header_metadata_is_detected(tmp_path):
+    _, _, path = saved(tmp_path, metadata={"rate": 0.5})
+    raw = path.read_bytes()
+    edited = raw.replace(b'\\"shape\\":[2,3]', b'\\"shape\\":[3,2]')  # same length
+    assert edited != raw
+    path.write_bytes(edited)
+    with pytest.raises(ValueError, match=r"d\.safetensors: the header metadata fails its sha256"):
+        load_delta(path)
+    with pytest.raises(ValueError, match="header metadata fails its sha256"):
+        load_delta_metadata(path)
+
+
+def write_v1_file(path, delta, user=None):
+    """A delta file exactly as format version 1 wrote it (no checksums, no fingerprints)."""
+    import json
+
+    tensors, leaves = {}, {}
+    for name, d in delta.items():
+        leaves[name] = {
+            "shape": list(d.shape),
+            "dtype": np.dtype(d.dtype).name,
+            "values_dtype": d.values.dtype.name,
+            "dense": d.is_dense,
+        }
+        tensors[f"{name}.indices"] = np.asarray(d.indices, np.int32)
+        tensors[f"{name}.values"] = np.asarray(d.values)
+    meta = {
+        "format": "sift_jax.delta",
+        "version": "1",
+        "leaves": json.dumps(leaves),
+        "user": json.dumps(user or {}),
+    }
+    safetensors.numpy.save_file(tensors, str(path), metadata=meta)
+
+
+def test_version_1_files_still_load_and_merge_unchecked(tmp_path):
+    base, tuned, delta = base_and_delta()
+    write_v1_file(tmp_path / "v1.safetensors", delta, {"rate": 0.1})
+    loaded = load_delta(tmp_path / "v1.safetensors")
+    assert loaded["w"].base_sha256 is None  # nothing to check against ...
+    assert_bitwise_equal(merge_delta(base, loaded), tuned)
+    merge_delta(tuned, loaded)  # ... so no fingerprint error either
+    assert load_delta_metadata(tmp_path / "v1.safetensors") == {"rate": 0.1}
+    assert delta_lib.FORMAT_VERSION == 2
+
+
+def test_load_errors_name_the_path(tmp_path):
+    _, _, path = saved(tmp_path)
+    with pytest.raises(IsADirectoryError, match=rf"{tmp_path} is a directory, not a delta file"):
+        load_delta(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"No delta file at .*nope\.safetensors"):
+        load_delta(tmp_path / "nope.safetensors")
+    raw = path.read_bytes()
+    for cut in (len(raw) - 3, data_start(raw) - 5, 5, 0):
+        (tmp_path / "cut.safetensors").write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=r"cut\.safetensors is not a readable safetensors"):
+            load_delta(tmp_path / "cut.safetensors")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sift_delta.safetensors").write_bytes(raw)
+    with pytest.raises(IsADirectoryError, match=r"e\.g\. .*run/sift_delta\.safetensors"):
+        load_delta_metadata(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_merge_refuses_another_base_and_a_second_merge(tmp_path):
+    base, tuned, path = saved(tmp_path)
+    delta = load_delta(path)  # the fingerprints survive save / load
+    fresh = extract_delta(tuned, base, {"w": np.array([1])})["w"]
+    assert (delta["w"].base_sha256, delta["w"].finetuned_sha256) == (
+        fresh.base_sha256,
+        fresh.finetuned_sha256,
+    )
+    merged = merge_delta(base, delta)
+    with pytest.raises(ValueError, match=r"^This delta is already merged: 1 of the 1 sparse"):
+        merge_delta(merged, delta)
+    other = {"w": base["w"] + 0.25}  # same shape and dtype, another checkpoint
+    with pytest.raises(ValueError, match=r"^These params are not the base params .*w: neither"):
+        merge_delta(other, delta)
+    # deliberate use: the check can be skipped, and merging stays what it was
+    np.testing.assert_array_equal(
+        merge_delta(other, delta, check_base=False)["w"], other["w"] + [[0, 1, 0], [0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        merge_delta(merged, delta, check_base=False)["w"], base["w"] + [[0, 2, 0], [0, 0, 0]]
+    )
+
+
+def test_unmerge_checks_it_is_given_the_merged_params():
+    base, tuned, delta = base_and_delta()
+    assert_bitwise_equal(unmerge_delta(tuned, delta), base)
+    with pytest.raises(ValueError, match=r"^This delta is not merged into these params"):
+        unmerge_delta(base, delta)
+    with pytest.raises(ValueError, match=r"not the fine-tuned \(merged\) params .*check_merged"):
+        unmerge_delta({"w": tuned["w"] * 3}, delta)
+    np.testing.assert_array_equal(
+        unmerge_delta(base, delta, check_merged=False)["w"], base["w"] - [[0, 1, 0], [0, 0, 0]]
+    )
+
+
+def test_dense_leaves_are_fingerprinted_whole_but_only_warn():
+    base = {"cls": np.zeros(3, np.float32), "w": np.zeros(4, np.float32)}
+    tuned = {"cls": np.ones(3, np.float32), "w": np.array([0, 2, 0, 0], np.float32)}
+    delta = extract_delta(tuned, base, {"cls": None, "w": np.array([1])})
+    assert delta["cls"].base_sha256 == delta_lib._digest(base["cls"])
+    merged = merge_delta(base, delta)
+    with pytest.raises(ValueError, match="already merged: 1 of the 1 sparse leaves it sets"):
+        merge_delta(merged, delta)
+    # A head initialised with another seed is replaced whole: exact result, but a warning.
+    other_head = {"cls": np.full(3, 0.5, np.float32), "w": base["w"]}
+    with pytest.warns(UserWarning, match=r"dense leaves \['cls'\] hold neither .*another seed"):
+        assert_bitwise_equal(merge_delta(other_head, delta), tuned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_delta(other_head, delta, check_base=False)
+        merge_delta({"cls": merged["cls"], "w": base["w"]}, delta)  # the head merged: harmless
+    with pytest.warns(UserWarning, match=r"unmerge_delta: .*\['cls'\].*kept as they are"):
+        unmerge_delta({"cls": other_head["cls"], "w": merged["w"]}, delta, dense="keep")
+
+
+def test_partly_merged_params_are_named():
+    base = {"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}
+    tuned = {"a": np.array([0, 2, 0, 0], np.float32), "b": np.array([3, 0, 0, 0], np.float32)}
+    delta = extract_delta(tuned, base, {"a": np.array([1]), "b": np.array([0])})
+    half = {"a": tuned["a"], "b": base["b"]}
+    with pytest.raises(ValueError, match=r"^This delta is partly merged: 1 of the 2 .*\('a'\)"):
+        merge_delta(half, delta)
+    with pytest.raises(ValueError, match=r"^This delta is only partly merged into .*\('b'\)"):
+        unmerge_delta(half, delta)
+    mixed = {"a": tuned["a"], "b": base["b"] + 1}
+    with pytest.raises(ValueError, match=r"2 of its 2 sparse leaves .*a: the fine-tuned values; b"):
+        merge_delta(mixed, delta)
+
+
+def test_the_base_check_gathers_only_the_selected_entries(monkeypatch):
+    rng = np.random.default_rng(4)
+    base = {"w": jnp.asarray(rng.normal(size=(64, 64)), jnp.bfloat16)}
+    sel = np.array([3, 70, 4000])
+    tuned = {"w": base["w"].ravel().at[sel].add(1.0).reshape(64, 64)}
+    delta = extract_delta(tuned, base, {"w": sel})
+    hashed = []
+    real = delta_lib._digest
+    monkeypatch.setattr(delta_lib, "_digest", lambda x: hashed.append(np.size(x)) or real(x))
+    assert_bitwise_equal(merge_delta(base, delta), tuned)
+    with pytest.raises(ValueError, match="already merged"):
+        merge_delta(tuned, delta)
+    assert hashed == [3, 3]
+
+
+NAN_PAYLOADS = {  # quiet NaN with a payload, signalling NaN with a payload, then 1.0
+    "float32": [0x7FC0_0001, 0xFF80_0003, 0x3F80_0000],
+    "bfloat16": [0x7FC1, 0xFF83, 0x3F80],
+    "float16": [0x7E01, 0xFC03, 0x3C00],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_nan_payloads_keep_their_fingerprint_on_jax(dtype):
+    # extract on numpy, check and merge on jax: the gathered bit patterns must be identical
+    b = np.array(NAN_PAYLOADS[np.dtype(dtype).name], f"uint{8 * np.dtype(dtype).itemsize}")
+    b = b.view(dtype)
+    f = b.copy()
+    f[2] = dtype(2.0)
+    delta = extract_delta({"w": f}, {"w": b}, {"w": np.array([0, 1, 2])})
+    merged = merge_delta({"w": jnp.asarray(b)}, delta)
+    assert_bitwise_equal(merged, {"w": f})
+    with pytest.raises(ValueError, match="already merged"):
+        merge_delta(merged, delta)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+    base, tuned, path = saved(tmp_path, metadata={"v": 1})
+    before = path.read_bytes()
+    bigger = extract_delta(tuned, base, {"w": np.array([1, 2, 3])})
+    with pytest.raises(FileExistsError, match=r"d\.safetensors already exists.*overwrite=True"):
+        save_delta(bigger, path, {"v": 2})
+    assert path.read_bytes() == before
+    save_delta(bigger, path, {"v": 2}, overwrite=True)
+    assert load_delta_metadata(path) == {"v": 2} and load_delta(path)["w"].indices.size == 3
+    with pytest.raises(IsADirectoryError, match="is a directory; save_delta needs a file path"):
+        save_delta(bigger, tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
+
+
+def test_save_refuses_a_file_that_appears_while_writing(tmp_path, monkeypatch):
+    _, _, delta = base_and_delta()
+    path = tmp_path / "d.safetensors"
+    real_fsync = os.fsync
+
+    def racing_fsync(fd):  # another process creates the file between check and rename
+        real_fsync(fd)
+        if not path.exists():
+            path.write_bytes(b"theirs")
+
+    monkeypatch.setattr(os, "fsync", racing_fsync)
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_delta(delta, path)
+    assert path.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
+
+
+def test_save_works_without_hard_links(tmp_path, monkeypatch):
+    base, tuned, delta = base_and_delta()
+
+    def no_links(src, dst):
+        raise PermissionError("this file system has no hard links")
+
+    monkeypatch.setattr(os, "link", no_links)
+    save_delta(delta, tmp_path / "d.safetensors")
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_delta(delta, tmp_path / "d.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"]
+    assert_bitwise_equal(merge_delta(base, load_delta(tmp_path / "d.safetensors")), tuned)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_mode_from_the_umask(tmp_path, umask):
+    from train.models.hf import write_hf_dir
+
+    _, _, delta = base_and_delta()
+    old = os.umask(umask)
+    try:
+        save_delta(delta, tmp_path / "d.safetensors")
+        write_hf_dir(tmp_path / "hf", {"a": 1}, {"x": np.zeros(2, np.float32)}, None)
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert os.stat(tmp_path / "d.safetensors").st_mode & 0o777 == want
+    for name in ("config.json", "model.safetensors"):
+        assert os.stat(tmp_path / "hf" / name).st_mode & 0o777 == want, name
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+def test_saving_the_same_delta_twice_gives_identical_bytes(tmp_path):
+    rng = np.random.default_rng(5)
+    base = {f"l{i}": {"k": rng.normal(size=(8, 8)).astype(np.float32)} for i in range(4)}
+    base["cls"] = np.zeros(3, ml_dtypes.bfloat16)
+    tuned = jax.tree.map(np.copy, base)
+    for i in range(4):
+        tuned[f"l{i}"]["k"].ravel()[[i, 9]] += 1.0
+    tuned["cls"] = np.ones(3, ml_dtypes.bfloat16)
+    indices = {f"l{i}": {"k": np.array([i, 9])} for i in range(4)} | {"cls": None}
+    delta = extract_delta(tuned, base, indices)
+    meta = {"zeta": 1, "alpha": {"b": 2, "a": [1, 2]}, "mid": "x"}
+    for i in range(5):
+        save_delta(delta, tmp_path / f"{i}.safetensors", meta)
+    save_delta(dict(delta), tmp_path / "r.safetensors", dict(reversed(meta.items())))
+    files = {p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(files) == 1
+    assert_bitwise_equal(merge_delta(base, load_delta(tmp_path / "r.safetensors")), tuned)

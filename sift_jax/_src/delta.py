@@ -26,19 +26,36 @@ Merging and unmerging gather the ``k`` selected entries to the host, compute the
 scatter back; they are eager (not jittable) and return leaves of the input's kind (numpy in,
 numpy out; ``jax.Array`` in, ``jax.Array`` out on the leaf's sharding).
 
+Fingerprints. :func:`extract_delta` records, per leaf, the sha256 of the base values and of the
+fine-tuned values at the delta's positions (the ``k`` selected entries of a sparse leaf, the
+whole value of a dense one). :func:`merge_delta` checks that its target holds the base values
+there (and says "already merged" when it holds the fine-tuned ones); :func:`unmerge_delta`
+checks the mirror. Sparse leaves raise; dense leaves only warn, since their target value does
+not change the result (merging replaces them). Only the ``k`` entries that merging gathers
+anyway are hashed for sparse leaves. Deltas without fingerprints (built by hand, or files of
+format version 1) are not checked.
+
 Files are safetensors (:func:`save_delta`): tensors ``<path>.indices``, ``<path>.values`` and,
 where present, ``<path>.fixup_indices`` / ``.fixup_finetuned`` / ``.fixup_base``. Dtypes that
 safetensors' numpy backend lacks (``bfloat16``, fp8) are stored as same-width unsigned integer
-bit patterns; the true dtypes, shapes and the user's metadata live in the JSON header metadata.
+bit patterns; the true dtypes, shapes, fingerprints and the user's metadata live in the JSON
+header metadata, together with a sha256 of every stored tensor's bytes and one of the rest of
+the metadata, which :func:`load_delta` verifies. The bytes of a file depend only on the delta
+and the metadata (sorted JSON keys, a fixed tensor order, no timestamps), so equal deltas give
+equal files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+import secrets
+import struct
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import jax
@@ -51,7 +68,7 @@ from sift_jax._src import masks
 from sift_jax._src.paths import path_to_str
 
 FORMAT_NAME = "sift_jax.delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor checksums, header checksum, base fingerprints
 
 
 @jax.tree_util.register_dataclass
@@ -71,6 +88,10 @@ class SparseDelta:
             unmerge is not bitwise exact, or ``None`` when there are none.
         fixup_finetuned: ``dtype[m]`` exact fine-tuned values at ``fixup_indices``.
         fixup_base: ``dtype[m]`` exact base values at ``fixup_indices``.
+        base_sha256: sha256 (hex) of the base leaf's bit patterns at ``indices`` (in order), or
+            of the whole base leaf when dense; ``None`` when unknown (then merging cannot check
+            its target).
+        finetuned_sha256: the same for the fine-tuned leaf (the merged values).
 
     Example:
         >>> import numpy as np
@@ -86,6 +107,8 @@ class SparseDelta:
     fixup_indices: np.ndarray | None = None
     fixup_finetuned: np.ndarray | None = None
     fixup_base: np.ndarray | None = None
+    base_sha256: str | None = dataclasses.field(default=None, metadata={"static": True})
+    finetuned_sha256: str | None = dataclasses.field(default=None, metadata={"static": True})
 
     @property
     def is_dense(self) -> bool:
@@ -168,11 +191,25 @@ def _count_bit_diff(a: Any, b: Any) -> int:
     return int(np.count_nonzero(_bits(a) != _bits(b)))
 
 
+@jax.jit
+def _gather_bits_jax(x: jax.Array, idx: jax.Array) -> jax.Array:
+    # On bit patterns, so that NaN payloads reach the host (and the fingerprints) unchanged.
+    u = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(x, u).reshape(-1)[idx]
+
+
 def _gather(leaf: Any, idx: np.ndarray) -> np.ndarray:
     """``leaf.ravel()[idx]`` as a host numpy array (only ``k`` values leave the device)."""
     if _is_jax(leaf):
-        return np.asarray(jnp.ravel(_auto(leaf))[jnp.asarray(idx, jnp.int32)])
+        bits = _gather_bits_jax(_auto(leaf), jnp.asarray(idx, jnp.int32))
+        return np.asarray(bits).view(np.dtype(leaf.dtype))
     return np.asarray(leaf).reshape(-1)[idx]
+
+
+def _digest(x: Any) -> str:
+    """sha256 (hex) of an array's bit patterns in C order: the fingerprint of leaf values."""
+    x = np.asarray(x)
+    return hashlib.sha256(_bits(x.reshape(-1))).hexdigest()
 
 
 @jax.jit
@@ -293,7 +330,15 @@ def _extract_sparse(path: str, f: Any, b: Any, idx: Any) -> SparseDelta:
             fixup_finetuned=f_sel[bad].copy(),
             fixup_base=b_sel[bad].copy(),
         )
-    return SparseDelta(idx.astype(np.int32), d, shape, dtype, **fix)
+    return SparseDelta(
+        idx.astype(np.int32),
+        d,
+        shape,
+        dtype,
+        **fix,
+        base_sha256=_digest(b_sel),
+        finetuned_sha256=_digest(f_sel),
+    )
 
 
 def extract_delta(
@@ -367,7 +412,15 @@ def extract_delta(
             continue
         changed = _count_bit_diff(f, b)
         if want_dense or (want_dense is None and changed):
-            out[path] = SparseDelta(None, np.array(f, copy=True), b_shape, b_dtype)
+            value = np.array(f, copy=True)
+            out[path] = SparseDelta(
+                None,
+                value,
+                b_shape,
+                b_dtype,
+                base_sha256=_digest(b),
+                finetuned_sha256=_digest(value),
+            )
         elif changed:
             raise ValueError(
                 f"{path}: {changed} entries changed but the leaf is neither sparse nor selected "
@@ -404,7 +457,85 @@ def _validate(path: str, leaf: Any, d: SparseDelta) -> np.ndarray | None:
     return idx
 
 
-def _apply(params: Any, delta: Mapping[str, SparseDelta], leaf_fn) -> Any:
+def _state(d: SparseDelta, current: np.ndarray) -> str:
+    """Which side of ``d`` the target's values at the delta's positions match: ``"base"``,
+    ``"finetuned"``, ``"both"`` (the two are equal there), ``"other"``, or ``"unknown"`` (``d``
+    carries no fingerprints)."""
+    if d.base_sha256 is None or d.finetuned_sha256 is None:
+        return "unknown"
+    digest = _digest(current)
+    if digest == d.base_sha256 == d.finetuned_sha256:
+        return "both"
+    if digest == d.base_sha256:
+        return "base"
+    if digest == d.finetuned_sha256:
+        return "finetuned"
+    return "other"
+
+
+def _fingerprint_error(states: dict[str, str], merging: bool) -> ValueError | None:
+    """The error for a target whose sparse leaves do not all hold the expected side's values
+    (``states`` from :func:`_state`), or ``None`` when they do."""
+    want, twice = ("base", "finetuned") if merging else ("finetuned", "base")
+    bad = [(p, st) for p, st in states.items() if st not in (want, "both", "unknown")]
+    if not bad:
+        return None
+    keyword = "check_base" if merging else "check_merged"
+    total = len(states)
+    shown = ", ".join(f"{p!r}" for p, _ in bad[:5]) + (
+        f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    )
+    if all(st == twice for _, st in bad):
+        partly = any(st == want for st in states.values())
+        if merging:
+            head = "partly merged" if partly else "already merged"
+            return ValueError(
+                f"This delta is {head}: {len(bad)} of the {total} sparse leaves it sets "
+                f"({shown}) already hold its fine-tuned values, so merging would apply it twice "
+                f"there. Merge into the base params instead, or pass {keyword}=False to merge "
+                "anyway."
+            )
+        head = "only partly merged into" if partly else "not merged into"
+        return ValueError(
+            f"This delta is {head} these params: {len(bad)} of the {total} sparse leaves it "
+            f"sets ({shown}) hold its base values, so unmerging would remove it twice there. "
+            f"Pass the merged params, or {keyword}=False to unmerge anyway."
+        )
+    what = {"base": "the base values", "finetuned": "the fine-tuned values", "other": "neither"}
+    detail = "; ".join(f"{p}: {what[st]}" for p, st in bad[:5])
+    target = (
+        "the base params this delta was extracted against"
+        if merging
+        else "the fine-tuned (merged) params this delta was extracted from"
+    )
+    return ValueError(
+        f"These params are not {target}: at the delta's positions, {len(bad)} of its {total} "
+        f"sparse leaves do not hold the {want} values the delta recorded ({detail}"
+        + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        + "). Were they loaded from another checkpoint, or was another delta merged first? "
+        f"Pass {keyword}=False to apply it anyway (e.g. a deliberately scaled delta or another "
+        "base of the same shape)."
+    )
+
+
+def _warn_dense(paths: list[str], merging: bool) -> None:
+    """Dense leaves of the target that hold neither side's values: they are replaced whole
+    (merging) or kept (unmerging), so the result does not depend on them; a warning."""
+    fn, keyword = ("merge_delta", "check_base") if merging else ("unmerge_delta", "check_merged")
+    effect = "replaced whole, so they come out fine-tuned" if merging else "kept as they are"
+    warnings.warn(
+        f"{fn}: the target's dense leaves {paths[:5]}"
+        + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        + " hold neither the delta's base values nor its fine-tuned ones (a classifier head "
+        f"initialised with another seed, or another model?). They are {effect}, but check that "
+        f"these are the params the delta was made from; {keyword}=False silences this.",
+        stacklevel=3,
+    )
+
+
+def _apply(
+    params: Any, delta: Mapping[str, SparseDelta], leaf_fn, *, check: bool, merging: bool
+) -> Any:
     named, treedef = _flatten(params, "params")
     paths = {p for p, _ in named}
     missing = [p for p in delta if p not in paths]
@@ -414,52 +545,94 @@ def _apply(params: Any, delta: Mapping[str, SparseDelta], leaf_fn) -> Any:
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             + f". Params have e.g. {sorted(paths)[:3]}."
         )
+    # First pass: validate, gather the k entries of sparse leaves (merging needs them anyway)
+    # and compare fingerprints, so a wrong target raises before anything is computed.
+    # Sparse leaves decide: their values at the delta's positions determine the result. Dense
+    # leaves do not (merging replaces them, unmerging keeps them), so they only warn.
+    prepared: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+    states: dict[str, str] = {}
+    odd_dense: list[str] = []
+    for path, leaf in named:
+        d = delta.get(path)
+        if d is None:
+            continue
+        idx = _validate(path, leaf, d)
+        current = None if idx is None else _gather(leaf, idx)
+        if check and idx is not None:
+            states[path] = _state(d, current)
+        elif check and _state(d, np.asarray(leaf)) == "other":
+            odd_dense.append(path)
+        prepared[path] = (idx, current)
+    error = _fingerprint_error(states, merging)
+    if error is not None:
+        raise error
+    if odd_dense:
+        _warn_dense(odd_dense, merging)
     out = []
     for path, leaf in named:
         d = delta.get(path)
-        out.append(leaf if d is None else leaf_fn(path, leaf, d, _validate(path, leaf, d)))
+        out.append(leaf if d is None else leaf_fn(path, leaf, d, *prepared[path]))
     return jax.tree.unflatten(treedef, out)
 
 
-def merge_delta(base: Any, delta: Mapping[str, SparseDelta]) -> Any:
+def merge_delta(base: Any, delta: Mapping[str, SparseDelta], *, check_base: bool = True) -> Any:
     """``base`` with ``delta`` applied: the fine-tuned params, bit for bit.
 
     Sparse leaves become ``round(wide(b) + d)`` at their indices (then the fix-ups are written);
     dense leaves are replaced by their stored value. Leaves not in the delta are returned
     as they are (the same objects); every leaf keeps its dtype and kind (numpy or jax).
 
+    Before anything is computed, the values of ``base`` at each sparse leaf's ``k`` indices are
+    compared with the base fingerprint the delta recorded (see the module docstring), so
+    merging into another checkpoint of the same shape, or merging the same delta twice, raises.
+    A dense leaf of ``base`` that holds neither the recorded base value nor the fine-tuned one
+    (e.g. a classifier head initialised with another seed) only warns: it is replaced whole,
+    so the result is exact whatever it held.
+
     Args:
         base: Params the delta was extracted against (nested dicts/lists of jax or numpy
             arrays; any pytree whose paths match the delta's).
         delta: From :func:`extract_delta` or :func:`load_delta`.
+        check_base: Compare ``base`` with the delta's base fingerprints (default). ``False``
+            merges into whatever params are given, e.g. a deliberately different base or a
+            scaled delta. Deltas without fingerprints are never checked.
 
     Returns:
         A new tree like ``base``.
 
     Raises:
         ValueError: naming the leaf, for a delta leaf missing from ``base``, shape or dtype
-            mismatch, or indices out of range.
+            mismatch, or indices out of range; and, with ``check_base``, when the sparse leaves
+            of ``base`` already hold the fine-tuned values ("this delta is already merged") or
+            are not the base the delta was made from.
 
     Example:
         >>> import numpy as np
         >>> base = {"w": np.array([1.0, 2.0, 3.0], np.float32)}
         >>> tuned = {"w": np.array([1.0, 2.5, 3.0], np.float32)}
         >>> delta = extract_delta(tuned, base, {"w": np.array([1])})
-        >>> merge_delta(base, delta)["w"].tolist()
+        >>> merged = merge_delta(base, delta)
+        >>> merged["w"].tolist()
         [1.0, 2.5, 3.0]
+        >>> merge_delta(merged, delta)
+        Traceback (most recent call last):
+        ...
+        ValueError: This delta is already merged: 1 of the 1 sparse leaves it sets ('w') ...
+        >>> merge_delta(merged, delta, check_base=False)["w"].tolist()  # applied twice
+        [1.0, 3.0, 3.0]
     """
 
-    def leaf_fn(path, leaf, d, idx):
+    def leaf_fn(path, leaf, d, idx, current):
         if idx is None:
             return _like(leaf, d.values)
         dtype = np.dtype(d.dtype)
-        new = _add_round(_gather(leaf, idx), np.asarray(d.values), dtype)
+        new = _add_round(current, np.asarray(d.values), dtype)
         if d.fixup_indices is not None:
             pos = np.searchsorted(idx, np.asarray(d.fixup_indices, np.int64))
             new[pos] = np.asarray(d.fixup_finetuned, dtype)
         return _scatter(leaf, idx, new)
 
-    return _apply(base, delta, leaf_fn)
+    return _apply(base, delta, leaf_fn, check=check_base, merging=True)
 
 
 def unmerge_delta(
@@ -467,6 +640,7 @@ def unmerge_delta(
     delta: Mapping[str, SparseDelta],
     *,
     dense: Literal["error", "keep"] = "error",
+    check_merged: bool = True,
 ) -> Any:
     """Removes ``delta`` from merged params: the base params, bit for bit, for sparse leaves.
 
@@ -475,13 +649,23 @@ def unmerge_delta(
     dense leaf's base value is not in the delta, so it cannot be restored: by default that is
     an error; ``dense="keep"`` leaves those leaves as they are in ``merged``.
 
+    The mirror of :func:`merge_delta`'s check: ``merged`` must hold the delta's fine-tuned
+    values at each sparse leaf's indices, so unmerging from params that are not merged, or
+    unmerging twice, raises (dense leaves kept with ``dense="keep"`` only warn).
+
     Args:
         merged: Params with the delta merged in (e.g. from :func:`merge_delta`).
         delta: The delta to remove.
         dense: ``"error"`` or ``"keep"``, what to do with dense leaves (see above).
+        check_merged: Compare ``merged`` with the delta's fine-tuned fingerprints (default);
+            ``False`` subtracts the increments from whatever params are given.
 
     Returns:
         A new tree like ``merged``.
+
+    Raises:
+        ValueError: as :func:`merge_delta`; with ``check_merged``, when ``merged`` holds the
+            base values ("not merged into these params") or other values.
 
     Example:
         >>> import numpy as np
@@ -500,17 +684,17 @@ def unmerge_delta(
             "hold, so they cannot be unmerged; pass dense='keep' to leave them as merged."
         )
 
-    def leaf_fn(path, leaf, d, idx):
+    def leaf_fn(path, leaf, d, idx, current):
         if idx is None:
             return leaf
         dtype = np.dtype(d.dtype)
-        old = _sub_round(_gather(leaf, idx), np.asarray(d.values), dtype)
+        old = _sub_round(current, np.asarray(d.values), dtype)
         if d.fixup_indices is not None:
             pos = np.searchsorted(idx, np.asarray(d.fixup_indices, np.int64))
             old[pos] = np.asarray(d.fixup_base, dtype)
         return _scatter(leaf, idx, old)
 
-    return _apply(merged, delta, leaf_fn)
+    return _apply(merged, delta, leaf_fn, check=check_merged, merging=False)
 
 
 # ----------------------------------------------------------------------------- size
@@ -544,51 +728,136 @@ def delta_nbytes(delta: Mapping[str, SparseDelta]) -> int:
 
 # ----------------------------------------------------------------------------- save / load
 
-_NATIVE = {np.dtype(t) for t in safetensors.numpy._TYPES.values()}
+_CODES = {np.dtype(t): code for code, t in safetensors.numpy._TYPES.items()}
 
 
 def _to_storable(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
-    return x if x.dtype in _NATIVE else x.view(_uint_for(x.dtype))
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x if x.dtype in _CODES else x.view(_uint_for(x.dtype))
 
 
 def _from_stored(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x if x.dtype == dtype else x.view(dtype)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+def _sha256(x: np.ndarray) -> str:
+    """sha256 (hex) of a stored tensor's raw bytes (C order, as in the file)."""
+    return hashlib.sha256(np.ascontiguousarray(x).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _canonical(obj: Any) -> str:
+    """JSON whose text depends only on the content: sorted keys, no spaces."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _header_sha256(meta: Mapping[str, str]) -> str:
+    return hashlib.sha256(
+        _canonical({k: v for k, v in meta.items() if k != "header_sha256"}).encode()
+    ).hexdigest()
+
+
+def _serialize(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> list[Any]:
+    """A safetensors file as byte chunks, the same bytes for the same content.
+
+    (``safetensors.numpy.save`` writes the metadata in hash-map order, which changes from run
+    to run.) Tensors are laid out by decreasing item size, then name, so each is aligned.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": dict(meta)}
+    offset = 0
+    for k in order:
+        x = tensors[k]
+        header[k] = {
+            "dtype": _CODES[x.dtype],
+            "shape": list(x.shape),
+            "data_offsets": [offset, offset + x.nbytes],
+        }
+        offset += x.nbytes
+    text = _canonical(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = [np.ascontiguousarray(tensors[k]).reshape(-1).view(np.uint8) for k in order]
+    return [struct.pack("<Q", len(text)), text, *data]
+
+
+def _write_atomic(path: str, chunks: list[Any], overwrite: bool) -> None:
+    """Writes ``chunks`` to ``path`` via a temporary file in the same directory, then
+    ``os.replace`` (``overwrite``) or a hard link that fails if ``path`` exists meanwhile.
+
+    The temporary file is created with mode ``0o666`` less the umask (``tempfile.mkstemp``
+    would give ``0o600``, which the final file would keep), and removed on any error.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f"{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(f"Could not create a temporary file next to {path}.")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and refuses an existing `path`
+            except FileExistsError:
+                raise _exists_error(path) from None
+            except OSError:  # no hard links on this file system
+                if os.path.lexists(path):
+                    raise _exists_error(path) from None
+                os.replace(tmp, path)
+            else:
+                os.remove(tmp)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        except FileNotFoundError:
-            pass
         raise
+
+
+def _exists_error(path: str) -> FileExistsError:
+    return FileExistsError(
+        f"{path} already exists; save_delta does not replace files unless asked: pass "
+        "overwrite=True to replace it, or choose another path."
+    )
 
 
 def save_delta(
     delta: Mapping[str, SparseDelta],
     path: str | os.PathLike,
     metadata: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> None:
     """Writes ``delta`` to a safetensors file, atomically.
 
     The file is written to a temporary file next to ``path`` and moved into place, so a crash
-    leaves either the old file or the new one, never half of one.
+    leaves either the old file or the new one, never half of one; it gets the usual mode for
+    new files (``0o666`` less the umask, e.g. ``0o644``). The header records a sha256 of every
+    tensor and of the metadata, which :func:`load_delta` verifies, and the leaves'
+    fingerprints, which :func:`merge_delta` checks. The bytes depend only on ``delta`` and
+    ``metadata``: saving the same delta twice gives identical files.
 
     Args:
         delta: From :func:`extract_delta`.
         path: Destination (conventionally ``*.safetensors``).
         metadata: JSON-serialisable user metadata (e.g. base model name, rate), returned by
-            :func:`load_delta_metadata`.
+            :func:`load_delta_metadata` (its keys come back sorted).
+        overwrite: Replace an existing file at ``path``. By default that is an error.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        IsADirectoryError: ``path`` is a directory.
+        TypeError: for something that is not a delta, or metadata JSON cannot hold.
 
     Example:
         >>> import os, tempfile, numpy as np
@@ -599,18 +868,34 @@ def save_delta(
         >>> save_delta(delta, f, {"base_model": "toy"})
         >>> merge_delta(base, load_delta(f))["w"].tolist(), load_delta_metadata(f)
         ([0.0, 2.0, 0.0], {'base_model': 'toy'})
+        >>> save_delta(delta, f)
+        Traceback (most recent call last):
+        ...
+        FileExistsError: ... already exists; save_delta does not replace files unless asked: ...
+        >>> save_delta(delta, f, {"base_model": "toy"}, overwrite=True)
     """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"{path} is a directory; save_delta needs a file path, e.g. "
+            f"{os.path.join(path, 'sift_delta.safetensors')}."
+        )
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
     tensors: dict[str, np.ndarray] = {}
     leaves: dict[str, dict[str, Any]] = {}
     for name, d in delta.items():
         if not isinstance(name, str) or not isinstance(d, SparseDelta):
             raise TypeError(f"A delta maps path strings to SparseDelta; got {name!r}: {type(d)}.")
-        leaves[name] = {
+        info = {
             "shape": list(d.shape),
             "dtype": np.dtype(d.dtype).name,
             "values_dtype": np.asarray(d.values).dtype.name,
             "dense": d.is_dense,
         }
+        if d.base_sha256 is not None and d.finetuned_sha256 is not None:
+            info["base_sha256"], info["finetuned_sha256"] = d.base_sha256, d.finetuned_sha256
+        leaves[name] = dict(sorted(info.items()))  # leaf order is the delta's, keys sorted
         if not d.is_dense:
             tensors[f"{name}.indices"] = np.asarray(d.indices, np.int32)
         tensors[f"{name}.values"] = _to_storable(np.asarray(d.values))
@@ -618,29 +903,88 @@ def save_delta(
             tensors[f"{name}.fixup_indices"] = np.asarray(d.fixup_indices, np.int32)
             tensors[f"{name}.fixup_finetuned"] = _to_storable(np.asarray(d.fixup_finetuned))
             tensors[f"{name}.fixup_base"] = _to_storable(np.asarray(d.fixup_base))
+    try:
+        user = _canonical(dict(metadata or {}))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"`metadata` must be JSON-serialisable: {e}") from e
     header = {
         "format": FORMAT_NAME,
         "version": str(FORMAT_VERSION),
-        "leaves": json.dumps(leaves),
-        "user": json.dumps(dict(metadata or {})),
+        "leaves": json.dumps(leaves, separators=(",", ":")),
+        "user": user,
+        "checksums": _canonical({k: _sha256(x) for k, x in tensors.items()}),
     }
-    _write_atomic(os.fspath(path), safetensors.numpy.save(tensors, metadata=header))
+    header["header_sha256"] = _header_sha256(header)
+    _write_atomic(path, _serialize(tensors, header), overwrite)
+
+
+def _corrupt(path: str, what: str) -> ValueError:
+    return ValueError(
+        f"{path}: {what}; the file is corrupt (changed or truncated after it was saved). "
+        "Save or copy it again."
+    )
+
+
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """The open safetensors file and its verified delta header, with clear errors for
+    directories, missing, foreign, truncated and corrupt files."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "sift_delta.safetensors")
+        hint = f" (e.g. {inside})" if os.path.isfile(inside) else ""
+        raise IsADirectoryError(
+            f"{path} is a directory, not a delta file; pass the .safetensors file saved by "
+            f"save_delta{hint}."
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No delta file at {path}.")
+    try:
+        f = safetensors.safe_open(path, framework="np")
+    except Exception as e:  # SafetensorError (not a public class), OSError
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it is truncated, corrupt, or "
+            "not a sift_jax delta file."
+        ) from e
+    with f:
+        yield f, _read_header(f, path)
 
 
 def _read_header(f: Any, path: str) -> dict[str, str]:
     header = f.metadata() or {}
     if header.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a sift_jax delta file (no '{FORMAT_NAME}' header).")
-    if int(header.get("version", "0")) > FORMAT_VERSION:
+    try:
+        version = int(header.get("version", "0"))
+    except ValueError:
+        raise _corrupt(path, f"unreadable format version {header.get('version')!r}") from None
+    if version > FORMAT_VERSION:
         raise ValueError(
-            f"{path} has delta format version {header['version']}; this sift_jax "
-            f"reads up to {FORMAT_VERSION}."
+            f"{path} has delta format version {version}; this sift_jax reads up to "
+            f"{FORMAT_VERSION}. Upgrade sift_jax to read it."
         )
+    # Version 1 files carry no checksums; newer ones must (checked whenever present).
+    if version >= 2 or "header_sha256" in header:
+        if header.get("header_sha256") != _header_sha256(header):
+            raise _corrupt(path, "the header metadata fails its sha256 check")
+    try:
+        header["_leaves"] = json.loads(header["leaves"])
+        header["_user"] = json.loads(header["user"])
+        header["_checksums"] = json.loads(header["checksums"]) if "checksums" in header else None
+    except (KeyError, ValueError) as e:
+        raise _corrupt(path, f"unreadable header metadata ({e})") from None
     return header
 
 
 def load_delta(path: str | os.PathLike) -> Delta:
-    """Reads a delta written by :func:`save_delta`.
+    """Reads a delta written by :func:`save_delta`, verifying its checksums.
+
+    Files of format version 1 (no checksums, no fingerprints) still load, unchecked.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        IsADirectoryError: ``path`` is a directory.
+        ValueError: naming the path (and the tensor), for a file that is not a sift_jax
+            delta, is truncated, fails a checksum, or is of a newer format version.
 
     Example:
         >>> import os, tempfile, numpy as np
@@ -652,33 +996,52 @@ def load_delta(path: str | os.PathLike) -> Delta:
     """
     path = os.fspath(path)
     out: Delta = {}
-    with safetensors.safe_open(path, framework="np") as f:
-        header = _read_header(f, path)
+    with _open(path) as (f, header):
         keys = set(f.keys())
+        checksums = header["_checksums"]
+        if checksums is not None and set(checksums) != keys:
+            odd = sorted(set(checksums) ^ keys)[:5]
+            raise _corrupt(path, f"its tensors do not match the checksummed ones ({odd})")
 
         def get(key: str, dtype: np.dtype | None = None) -> np.ndarray:
             if key not in keys:
-                raise ValueError(f"{path}: tensor {key!r} is missing; the file is corrupt.")
+                raise _corrupt(path, f"tensor {key!r} is missing")
             x = f.get_tensor(key)
+            if checksums is not None and _sha256(x) != checksums[key]:
+                raise _corrupt(path, f"tensor {key!r} fails its sha256 check")
             return x if dtype is None else _from_stored(x, dtype)
 
-        for name, info in json.loads(header["leaves"]).items():
-            dtype = jnp.dtype(info["dtype"])
-            values = get(f"{name}.values", jnp.dtype(info["values_dtype"]))
-            fix = {}
-            if f"{name}.fixup_indices" in keys:
-                fix = dict(
-                    fixup_indices=get(f"{name}.fixup_indices"),
-                    fixup_finetuned=get(f"{name}.fixup_finetuned", dtype),
-                    fixup_base=get(f"{name}.fixup_base", dtype),
+        try:
+            for name, info in header["_leaves"].items():
+                dtype = jnp.dtype(info["dtype"])
+                values = get(f"{name}.values", jnp.dtype(info["values_dtype"]))
+                fix = {}
+                if f"{name}.fixup_indices" in keys:
+                    fix = dict(
+                        fixup_indices=get(f"{name}.fixup_indices"),
+                        fixup_finetuned=get(f"{name}.fixup_finetuned", dtype),
+                        fixup_base=get(f"{name}.fixup_base", dtype),
+                    )
+                indices = None if info["dense"] else get(f"{name}.indices")
+                out[name] = SparseDelta(
+                    indices,
+                    values,
+                    tuple(info["shape"]),
+                    dtype,
+                    **fix,
+                    base_sha256=info.get("base_sha256"),
+                    finetuned_sha256=info.get("finetuned_sha256"),
                 )
-            indices = None if info["dense"] else get(f"{name}.indices")
-            out[name] = SparseDelta(indices, values, tuple(info["shape"]), dtype, **fix)
+        except (KeyError, TypeError) as e:
+            raise _corrupt(path, f"unreadable leaf record ({e!r})") from None
     return out
 
 
 def load_delta_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The user metadata saved with a delta (see :func:`save_delta`).
+
+    Raises:
+        As :func:`load_delta` (the header checksum is verified, the tensors are not read).
 
     Example:
         >>> import os, tempfile
@@ -688,5 +1051,5 @@ def load_delta_metadata(path: str | os.PathLike) -> dict[str, Any]:
         {'rate': 0.008}
     """
     path = os.fspath(path)
-    with safetensors.safe_open(path, framework="np") as f:
-        return json.loads(_read_header(f, path)["user"])
+    with _open(path) as (_, header):
+        return header["_user"]
