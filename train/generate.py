@@ -12,6 +12,13 @@ step against a KV cache, all in one ``jax.jit``. Any other
 right-padded buffer per row and the full forward at every step (no cache; exact but quadratic)
 inside a ``lax.fori_loop``. Greedy when ``temperature == 0``, otherwise temperature + nucleus
 (top-p) sampling.
+
+Settings are checked before anything runs, in one place
+(:func:`train.models.generate.check_generation_args`): ``max_new_tokens >= 1``,
+``temperature >= 0``, ``0 < top_p <= 1``, and each prompt plus ``max_new_tokens`` within the
+model's context (``max_position_embeddings``); a longer prompt is refused, not truncated. The
+command line reports these (and an empty ``--prompt_file``) as usage errors, without a
+traceback.
 """
 
 from __future__ import annotations
@@ -126,10 +133,15 @@ def generate(
         max_new_tokens: tokens generated per prompt.
         eos_id: stop token (kept in the output), or ``None``.
         pad_id: filler id for unused buffer slots.
-        temperature: 0 = greedy; otherwise softmax temperature.
-        top_p: nucleus sampling mass (with ``temperature > 0``).
+        temperature: 0 = greedy; > 0 = softmax temperature; never negative.
+        top_p: nucleus sampling mass in ``(0, 1]`` (with ``temperature > 0``).
         seed: sampling seed.
         pad_to_multiple_of: prompt / buffer width rounding (fewer recompilations).
+
+    Raises:
+        ValueError: for an empty prompt or settings
+            :func:`train.models.generate.check_generation_args` refuses, e.g. a prompt that
+            with ``max_new_tokens`` does not fit a ``train.models`` decoder's context.
 
     Example:
         >>> def count_up(params, ids, mask):  # predicts "previous token + 1"
@@ -137,20 +149,26 @@ def generate(
         >>> generate(count_up, None, [[1, 2], [5]], max_new_tokens=3, eos_id=7)
         [[3, 4, 5], [6, 7]]
     """
-    if not prompts:
-        return []
+    from train.models import generate as kv
+
     for r, p in enumerate(prompts):
         if not len(p):
             raise ValueError(f"Prompt {r} is empty; generation needs at least one token.")
     graphdef = getattr(apply_fn, "graphdef", None)
-    if graphdef is not None:  # a train.models decoder: prefill + KV-cache steps
+    model = None
+    if graphdef is not None and prompts:  # a train.models decoder: prefill + KV-cache steps
         from flax import nnx
 
-        from train.models import generate as kv
-
+        model = nnx.merge(graphdef, params)
+    kv.check_generation_args(
+        max_new_tokens, temperature, top_p, [len(p) for p in prompts], _context_of(model)
+    )
+    if not prompts:
+        return []
+    if model is not None:
         ids, mask = kv.left_pad(prompts, pad_id, multiple=pad_to_multiple_of)
         new = kv.generate(
-            nnx.merge(graphdef, params),
+            model,
             ids,
             mask,
             max_new_tokens,
@@ -183,6 +201,69 @@ def generate(
     return [
         _cut_at_eos(out[r, n : n + max_new_tokens].tolist(), eos_id) for r, n in enumerate(lengths)
     ]
+
+
+def _context_of(model: Any) -> int | None:
+    """``max_position_embeddings`` of a ``train.models`` decoder (or its config), else None."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return None if n is None else int(n)
+
+
+def context_length(model: DecoderModel) -> int | None:
+    """How many positions (prompt + new tokens) ``model`` takes, or ``None`` if unknown.
+
+    Example:
+        >>> from train.models.decoder import LlamaConfig
+        >>> context_length(DecoderModel({}, None, None, config=LlamaConfig.tiny()))
+        64
+    """
+    n = _context_of(model)  # from model.config
+    if n is not None:
+        return n
+    graphdef = getattr(model.apply_fn, "graphdef", None)
+    if graphdef is None:
+        return None
+    from flax import nnx
+
+    return _context_of(nnx.merge(graphdef, model.params))
+
+
+def read_prompts(prompt: Sequence[str] | None, prompt_file: str | None) -> list[str]:
+    """The ``--prompt`` values, then the non-empty lines of ``--prompt_file``; the built-in
+    prompt only when neither flag is given.
+
+    Raises:
+        ValueError: for an empty ``--prompt``, a missing ``--prompt_file``, or one without a
+            single non-empty line.
+
+    Example:
+        >>> read_prompts(["Name a fruit."], None)
+        ['Name a fruit.']
+        >>> read_prompts(None, None)
+        ['Give three tips for staying healthy.']
+    """
+    prompts = list(prompt or [])
+    for i, text in enumerate(prompts):
+        if not text.strip():
+            raise ValueError(f"--prompt number {i + 1} is empty; give it some text.")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                lines = [ln.rstrip("\r\n") for ln in f if ln.strip()]
+        except FileNotFoundError:
+            raise ValueError(f"--prompt_file {prompt_file} does not exist.") from None
+        except IsADirectoryError:
+            raise ValueError(
+                f"--prompt_file {prompt_file} is a directory; pass a text file with one prompt "
+                "per line."
+            ) from None
+        if not lines:
+            raise ValueError(
+                f"--prompt_file {prompt_file} has no non-empty lines; put one prompt per line."
+            )
+        prompts += lines
+    return prompts or ["Give three tips for staying healthy."]
 
 
 def _cut_at_eos(tokens: list[int], eos_id: int | None) -> list[int]:
@@ -297,13 +378,36 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     Example:
         >>> main(["--prompt", "Name a fruit.", "--max_new_tokens", "8"])  # doctest: +SKIP
     """
+    from train.models.generate import check_generation_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=None, help="A prompt (repeatable).")
-    p.add_argument("--prompt_file", default=None, help="A file with one prompt per line.")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy.")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument(
+        "--prompt_file",
+        default=None,
+        help="A file with one prompt per line (blank lines skipped; a file with none is an "
+        "error). Without --prompt and --prompt_file a built-in prompt is used.",
+    )
+    p.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=64,
+        help="Tokens to generate per prompt (>= 1). Each prompt plus max_new_tokens must fit the "
+        "model's context (max_position_embeddings): longer prompts are refused, not truncated.",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (the default); > 0 samples at that temperature. Must be >= 0.",
+    )
+    p.add_argument(
+        "--top_p",
+        type=float,
+        default=1.0,
+        help="Nucleus sampling mass, in (0, 1] (used with --temperature > 0; 1 = no cut).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--chat_template",
@@ -312,16 +416,20 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         help="Wrap each prompt in the tokenizer's chat template (if it has one).",
     )
     args = p.parse_args(argv)
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [ln.rstrip("\n") for ln in f if ln.strip()]
-    if not prompts:
-        prompts = ["Give three tips for staying healthy."]
+    settings = (args.max_new_tokens, args.temperature, args.top_p)
+    try:  # before the model is loaded
+        check_generation_args(*settings, prefix="--")
+        prompts = read_prompts(args.prompt, args.prompt_file)
+    except ValueError as e:
+        p.error(str(e))
     model = load_model(args)
     tok = model.tokenizer
     use_chat = args.chat_template and bool(getattr(tok, "chat_template", None))
     ids = [encode_prompt(tok, t, use_chat) for t in prompts]
+    try:  # before anything runs
+        check_generation_args(*settings, [len(i) for i in ids], context_length(model), prefix="--")
+    except ValueError as e:
+        p.error(str(e))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     outs = generate(
         model.apply_fn,

@@ -5,10 +5,18 @@ Prompts are left-padded, so every row's next token goes to the same cache slot; 
 come from ``cumsum(attention_mask) - 1`` so padding does not shift them. Greedy when
 ``temperature == 0``, else temperature + nucleus (top-p) sampling; both are traced values (one
 compilation serves both).
+
+:func:`check_generation_args` is the one place generation settings are validated (here, in
+:func:`train.generate.generate` and in ``python -m train.generate``): at least one new token,
+``temperature >= 0``, ``0 < top_p <= 1``, and every prompt plus ``max_new_tokens`` within the
+model's context (``max_position_embeddings``). Prompts that do not fit are refused, never
+truncated.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -37,6 +45,93 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: Any, top_p: An
     cutoff = jnp.min(jnp.where(before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     sampled = jax.random.categorical(rng, jnp.where(scaled < cutoff, -jnp.inf, scaled), axis=-1)
     return jnp.where(temperature <= 0, greedy, sampled.astype(jnp.int32))
+
+
+def check_generation_args(
+    max_new_tokens: Any,
+    temperature: Any = 0.0,
+    top_p: Any = 1.0,
+    prompt_lengths: Sequence[int] = (),
+    context: int | None = None,
+    *,
+    prefix: str = "",
+) -> None:
+    """Raises ``ValueError``, naming the setting and the fix, for generation that cannot work.
+
+    Checked before anything runs: ``max_new_tokens`` is an integer ``>= 1``; ``temperature``
+    is finite and ``>= 0`` (0 = greedy); ``top_p`` is in ``(0, 1]`` (0 or less would keep no
+    token); and, when ``context`` is given, each prompt length plus ``max_new_tokens`` is at
+    most ``context`` (a longer prompt is refused, not truncated).
+
+    Args:
+        max_new_tokens: tokens to generate per prompt.
+        temperature: sampling temperature (0 = greedy).
+        top_p: nucleus mass.
+        prompt_lengths: token counts of the prompts (without padding).
+        context: the model's ``max_position_embeddings``, or ``None`` (not checked).
+        prefix: put before setting names in messages (``"--"`` for command-line flags).
+
+    Example:
+        >>> check_generation_args(8, temperature=0.7, top_p=0.9, prompt_lengths=[5], context=64)
+        >>> check_generation_args(8, top_p=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: top_p must be in (0, 1] (the probability mass sampled from; 1 = no cut); ...
+        >>> check_generation_args(8, prompt_lengths=[3, 60], context=64, prefix="--")
+        Traceback (most recent call last):
+        ...
+        ValueError: Prompt 1 (counting from 0) has 60 tokens; with --max_new_tokens 8 it needs ...
+    """
+    try:
+        if isinstance(max_new_tokens, bool):
+            raise TypeError
+        n_new = operator.index(max_new_tokens)
+    except TypeError:
+        n_new = None
+    if n_new is None or n_new < 1:
+        raise ValueError(
+            f"{prefix}max_new_tokens must be an integer >= 1 (the number of tokens to generate "
+            f"per prompt); got {max_new_tokens!r}."
+        )
+    temp = _as_float(temperature)
+    if temp is None or not math.isfinite(temp) or temp < 0:
+        raise ValueError(
+            f"{prefix}temperature must be a finite number >= 0 (0 = greedy decoding, > 0 = "
+            f"sampling at that temperature); got {temperature!r}."
+        )
+    mass = _as_float(top_p)
+    if mass is None or not 0 < mass <= 1:  # also false for NaN
+        raise ValueError(
+            f"{prefix}top_p must be in (0, 1] (the probability mass sampled from; 1 = no cut); "
+            f"got {top_p!r}. A top_p of 0 or less would keep no token at all."
+        )
+    if context is None:
+        return
+    context = int(context)
+    if n_new >= context:
+        raise ValueError(
+            f"{prefix}max_new_tokens {n_new} leaves no room for a prompt in the model's context "
+            f"of {context} tokens (max_position_embeddings); use at most {context - 1}."
+        )
+    long = [(r, int(n)) for r, n in enumerate(prompt_lengths) if int(n) + n_new > context]
+    if long:
+        r, n = long[0]
+        more = f" ({len(long) - 1} more prompts are too long as well)" if len(long) > 1 else ""
+        raise ValueError(
+            f"Prompt {r} (counting from 0) has {n} tokens; with {prefix}max_new_tokens {n_new} "
+            f"it needs {n + n_new} positions, more than the model's context of {context} "
+            f"(max_position_embeddings){more}. Prompts are not truncated: shorten it to at most "
+            f"{context - n_new} tokens or lower {prefix}max_new_tokens."
+        )
+
+
+def _as_float(x: Any) -> float | None:
+    if isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
@@ -83,9 +178,13 @@ def generate(
         max_new_tokens: tokens to generate.
         eos_token_id: a row stops after emitting it.
         pad_token_id: filler after a row stopped.
-        temperature: 0 = greedy.
-        top_p: nucleus mass (with ``temperature > 0``).
+        temperature: 0 = greedy; > 0 samples at that temperature; never negative.
+        top_p: nucleus mass in ``(0, 1]`` (with ``temperature > 0``).
         seed: sampling seed.
+
+    Raises:
+        ValueError: from :func:`check_generation_args`, e.g. a prompt that with
+            ``max_new_tokens`` does not fit ``model.cfg.max_position_embeddings``.
 
     Example:
         >>> from train.models.decoder import LlamaConfig
@@ -93,6 +192,14 @@ def generate(
         >>> generate(m, [[0, 5, 6]], [[0, 1, 1]], 4).shape
         (1, 4)
     """
+    lengths = np.asarray(attention_mask).reshape(np.shape(input_ids)[0], -1).sum(-1)
+    check_generation_args(
+        max_new_tokens,
+        temperature,
+        top_p,
+        lengths.tolist(),
+        getattr(getattr(model, "cfg", None), "max_position_embeddings", None),
+    )
     graphdef, state = nnx.split(model, nnx.Param)
     out = _generate(
         graphdef,
