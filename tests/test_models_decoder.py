@@ -13,24 +13,20 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from train.models import hf
-from train.models.decoder import (
-    DecoderApply,
-    LlamaConfig,
-    LlamaForCausalLM,
-    embedded_smollm2_path,
-    load_pretrained,
-)
+from train.data.assets import smollm2_gguf_path
+from train.models.decoder import DecoderApply, LlamaConfig, LlamaForCausalLM
 from train.models.functional import functional_apply, split_params
 from train.models.generate import generate, generate_text, left_pad
-from train.models.gguf import _BLOCK as GGUF_BLOCK_NAMES
-from train.models.gguf import load_gguf
+from train.models.pretrained import export_model, load_pretrained
+from train.models.weights import LLAMA_TABLE, expand_table, export_tensors, flatten, stack_layers
+from train.models.weights.gguf_file import BLOCK_NAMES as GGUF_BLOCK_NAMES
 
 GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.fixture(scope="module")
 def smollm2():
+    # strict loading: every GGUF tensor is used (tied embeddings: no output.weight)
     return load_pretrained("embedded:smollm2")
 
 
@@ -129,8 +125,8 @@ def test_padding_and_packing_masks(tiny):
 def test_apply_fn_is_hashable_and_functional(tiny):
     graphdef, params = split_params(tiny)
     assert hash(DecoderApply(graphdef)) == hash(DecoderApply(nnx.split(tiny, nnx.Param)[0]))
-    assert "model/layers/1/self_attn/q_proj/kernel" in hf.flatten(params)
-    assert "model/layers/0/mlp/gate_proj/kernel" in hf.flatten(params)
+    assert "model/layers/1/self_attn/q_proj/kernel" in flatten(params)
+    assert "model/layers/0/mlp/gate_proj/kernel" in flatten(params)
     ids = jnp.array([[1, 2, 3]])
     np.testing.assert_allclose(DecoderApply(graphdef)(params, ids, None), tiny(ids), atol=1e-6)
     grads = jax.jit(jax.grad(lambda p: functional_apply(graphdef, p, None, ids).sum()))(params)
@@ -142,7 +138,7 @@ def test_scan_remat_and_bf16(tiny):
     scanned = LlamaForCausalLM(LlamaConfig.tiny(scan_layers=True, remat=True), rngs=nnx.Rngs(0))
     graphdef, sp = split_params(scanned)
     assert sp["model"]["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 32, 16)
-    stacked = hf.stack_layers(jax.tree.map(lambda x: x, params), "model/layers")
+    stacked = stack_layers(jax.tree.map(lambda x: x, params), "model/layers")
     ids = jnp.array([[1, 2, 3, 4]])
     np.testing.assert_allclose(functional_apply(graphdef, stacked, None, ids), tiny(ids), atol=1e-5)
     bf = LlamaForCausalLM(
@@ -164,12 +160,8 @@ def permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py
 
 
 def write_tiny_gguf(path, model, cfg, quant_tensor=None):
-    tensors = hf.export_tensors(
-        model,
-        hf.expand_table(hf.DECODER_TABLE, cfg.num_hidden_layers),
-        lambda n: "",
-        "model/layers",
-        False,
+    tensors = export_tensors(
+        split_params(model)[1], expand_table(LLAMA_TABLE, cfg.num_hidden_layers)
     )
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
@@ -220,9 +212,10 @@ def test_gguf_round_trip_undoes_the_qk_permutation(tmp_path):
     cfg = LlamaConfig.tiny(vocab_size=40)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
     write_tiny_gguf(tmp_path / "t.gguf", model, cfg)
-    loaded = load_gguf(tmp_path / "t.gguf")
+    loaded = load_pretrained(tmp_path / "t.gguf")
+    assert loaded.family == "llama" and loaded.source == str(tmp_path / "t.gguf")
     assert loaded.config.num_key_value_heads == 2 and loaded.config.tie_word_embeddings
-    a, b = hf.flatten(split_params(model)[1]), hf.flatten(split_params(loaded.model)[1])
+    a, b = flatten(split_params(model)[1]), flatten(loaded.params)
     for k in a:  # stored as f16: equal up to f16 rounding
         np.testing.assert_allclose(b[k], a[k], atol=1e-3, err_msg=k)
     tok = loaded.tokenizer
@@ -232,13 +225,13 @@ def test_gguf_round_trip_undoes_the_qk_permutation(tmp_path):
 
 def test_gguf_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_gguf(tmp_path / "missing.gguf")
+        load_pretrained(tmp_path / "missing.gguf")
     cfg = LlamaConfig.tiny(vocab_size=40)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(1))
     write_tiny_gguf(tmp_path / "q.gguf", model, cfg, quant_tensor="blk.0.extra.weight")
     with pytest.raises(ValueError, match="Unsupported GGUF quantization type Q2_K"):
-        load_gguf(tmp_path / "q.gguf")
-    assert Path(embedded_smollm2_path()).is_file()
+        load_pretrained(tmp_path / "q.gguf")
+    assert Path(smollm2_gguf_path()).is_file()
 
 
 # ----------------------------------------------------------------------------- HF dirs
@@ -249,7 +242,7 @@ def test_export_round_trip_hf_names_autoconfig_and_tokenizer(tmp_path, smollm2):
 
     cfg = LlamaConfig.tiny(tie_word_embeddings=False, vocab_size=49152)
     model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(2))
-    out = hf.export_hf(model, cfg, smollm2.tokenizer, tmp_path / "exp")
+    out = export_model(model, tmp_path / "exp", smollm2.tokenizer)
     names = set(load_file(out / "model.safetensors"))
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
         f"model.layers.{i}.{m}.weight"
@@ -273,14 +266,13 @@ def test_export_round_trip_hf_names_autoconfig_and_tokenizer(tmp_path, smollm2):
     )  # HF [out, in]
     hf_cfg = AutoConfig.from_pretrained(out)
     assert hf_cfg.model_type == "llama" and hf_cfg.num_key_value_heads == 2
+    assert hf_cfg.architectures == ["LlamaForCausalLM"]
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("Paris 42")["input_ids"] == smollm2.tokenizer("Paris 42")["input_ids"]
     assert tok.chat_template == smollm2.tokenizer.chat_template
-    again = hf.load_llama(out)
-    jax.tree.map(
-        np.testing.assert_array_equal, split_params(model)[1], split_params(again.model)[1]
-    )
-    scanned = hf.load_llama(out, scan_layers=True)
+    again = load_pretrained(out)
+    jax.tree.map(np.testing.assert_array_equal, split_params(model)[1], again.params)
+    scanned = load_pretrained(out, scan_layers=True)
     ids = jnp.array([[3, 4, 5]])
     np.testing.assert_allclose(scanned.model(ids), model(ids), atol=1e-5)
 
@@ -292,4 +284,4 @@ def test_decoder_config_errors(tmp_path):
         LlamaConfig.from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})
     (tmp_path / "config.json").write_text(json.dumps(LlamaConfig.tiny().to_hf()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        hf.load_llama(tmp_path)
+        load_pretrained(tmp_path)

@@ -6,7 +6,20 @@ import importlib
 
 import pytest
 
-MODULES = ["sharding", "layers", "encoder", "decoder", "functional", "generate", "gguf", "hf"]
+MODULES = [
+    "sharding",
+    "layers",
+    "encoder",
+    "decoder",
+    "functional",
+    "generate",
+    "registry",
+    "pretrained",
+    "hf",
+    "weights.mapping",
+    "weights.hf_dir",
+    "weights.gguf_file",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

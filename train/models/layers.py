@@ -1,8 +1,8 @@
 """Small NNX building blocks whose parameters carry logical axis names.
 
 Parameter names follow Flax: ``kernel`` (``[in, out]``), ``bias``, ``embedding``
-(``[vocab, embed]``), ``scale``. HF stores linear weights as ``[out, in]``; the loaders in
-:mod:`train.models.hf` transpose.
+(``[vocab, embed]``), ``scale``. HF stores linear weights as ``[out, in]``; the name tables
+in :mod:`train.models.weights.mapping` transpose.
 """
 
 from __future__ import annotations
