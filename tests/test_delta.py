@@ -546,7 +546,7 @@ def test_save_works_without_hard_links(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_saved_files_get_the_mode_from_the_umask(tmp_path, umask):
-    from train.models.hf import write_hf_dir
+    from train.models.weights import write_hf_dir
 
     _, _, delta = base_and_delta()
     old = os.umask(umask)

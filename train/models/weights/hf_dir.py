@@ -134,12 +134,24 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any | None:
 
 
 def _write_atomic(out_dir: Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
+    """Runs each writer into a temporary directory inside ``out_dir``, then moves every file
+    into ``out_dir`` with ``os.replace`` (each file appears whole or not at all).
+
+    The files get the usual mode for new files (``0o666`` less the umask): some writers
+    (``safetensors.numpy.save_file``) create them ``0o600``, which the moved file would keep.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-export-") as tmp:
         for name, write in writers.items():
             write(Path(tmp) / name)
+        # The umask, read without changing it (os.umask would, for every thread).
+        probe = Path(tmp) / ".mode-probe"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = probe.stat().st_mode & 0o777
+        probe.unlink()
         for f in sorted(Path(tmp).iterdir()):
             if f.is_file():
+                os.chmod(f, mode)
                 os.replace(f, out_dir / f.name)
 
 
