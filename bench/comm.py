@@ -37,10 +37,13 @@ import optax
 from flax import nnx
 
 from train.config import TrainConfig
-from train.encoder_io import classifier_apply_fn
 from train.mesh import parse_mesh, put_batch
 from train.methods import build_method, flatten_paths, make_schedule
-from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
+from train.models.encoder import (
+    EncoderConfig,
+    EncoderForSequenceClassification,
+    classifier_apply_fn,
+)
 from train.models.functional import split_params
 from train.models.sharding import param_shardings
 from train.trainer import Task, make_selection_fn, make_train_step, split_frozen

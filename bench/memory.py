@@ -25,10 +25,13 @@ import optax
 from flax import nnx
 
 from train.config import TrainConfig
-from train.encoder_io import classifier_apply_fn
 from train.methods import build_method, flatten_paths, make_schedule
 from train.models.decoder import LlamaConfig, LlamaForCausalLM
-from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
+from train.models.encoder import (
+    EncoderConfig,
+    EncoderForSequenceClassification,
+    classifier_apply_fn,
+)
 from train.models.functional import functional_apply
 from train.trainer import Task, make_train_step
 

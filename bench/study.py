@@ -38,9 +38,9 @@ from sift_jax._src.paths import path_to_str
 from sift_jax._src.selection import count_for_rate
 from train.data.batching import encode_task, train_batches
 from train.data.glue import load_task
-from train.encoder_io import classifier_apply_fn, load_classifier
-from train.models.encoder import EncoderForSequenceClassification
+from train.models.encoder import EncoderForSequenceClassification, classifier_apply_fn
 from train.models.functional import split_params
+from train.models.pretrained import load_pretrained
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -85,7 +85,7 @@ _BUNDLE = []
 
 def _pretrained():
     if not _BUNDLE:
-        _BUNDLE.append(load_classifier("embedded:minilm", num_labels=2, seed=42))
+        _BUNDLE.append(load_pretrained("embedded:minilm", head="classifier", num_labels=2, seed=42))
     return _BUNDLE[0]
 
 

@@ -23,9 +23,12 @@ from flax import nnx
 
 from bench.memory import MODELS, lora_rank_matching
 from train.config import TrainConfig
-from train.encoder_io import classifier_apply_fn
 from train.methods import build_method, flatten_paths, make_schedule
-from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
+from train.models.encoder import (
+    EncoderConfig,
+    EncoderForSequenceClassification,
+    classifier_apply_fn,
+)
 from train.models.functional import split_params
 from train.trainer import Task, make_selection_fn, make_train_step, split_frozen
 
@@ -41,9 +44,9 @@ MINILM = EncoderConfig(
 
 def load(model: str, random_init: bool):
     if model == "minilm" and not random_init:
-        from train.encoder_io import load_classifier
+        from train.models.pretrained import load_pretrained
 
-        b = load_classifier("embedded:minilm", num_labels=2)
+        b = load_pretrained("embedded:minilm", head="classifier", num_labels=2)
         return b.graphdef, b.params, "packaged pretrained MiniLM-L6"
     cfg = MINILM if model == "minilm" else MODELS[model]["cfg"]
     graphdef, params = split_params(EncoderForSequenceClassification(cfg, rngs=nnx.Rngs(0)))

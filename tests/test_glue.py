@@ -13,7 +13,8 @@ from train import glue
 from train.config import parse_args
 from train.data import assets
 from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
-from train.models.hf import export_hf, load_tokenizer, read_safetensors
+from train.models.pretrained import export_model, load_pretrained
+from train.models.weights import load_tokenizer, read_safetensors
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -24,7 +25,7 @@ def tiny_bert(tmp_path_factory):
     tok = load_tokenizer(assets.minilm_dir())
     cfg = EncoderConfig.tiny(vocab_size=tok.vocab_size, max_position_embeddings=64)
     model = EncoderForSequenceClassification(cfg, rngs=nnx.Rngs(0))
-    return str(export_hf(model, cfg, tok, tmp_path_factory.mktemp("tiny_bert")))
+    return str(export_model(model, tmp_path_factory.mktemp("tiny_bert"), tok))
 
 
 def args(tiny, out, *extra):
@@ -74,7 +75,7 @@ def test_each_finetuning_type_runs_and_writes_hf_style_outputs(tiny_bert, tmp_pa
     assert "classifier.weight" in exported
     if ftype == "sift":
         # The saved delta merged into the base reproduces the fine-tuned model exactly.
-        base = glue.load_classifier(tiny_bert, num_labels=2).params
+        base = load_pretrained(tiny_bert, head="classifier", num_labels=2).params
         merged = sift_jax.merge_delta(base, sift_jax.load_delta(out / "sift_delta.safetensors"))
         jax.tree.map(np.testing.assert_array_equal, merged, jax.device_get(res.params))
         # Only attention q/k/v/o entries and the classifier changed.
@@ -215,7 +216,7 @@ def test_real_minilm_short_sift_run(tmp_path):
     res = glue.run(cfg)
     assert res.metrics["trainable_params"] == 29186  # 6 layers x 4 x (1180 + 4) + classifier
     assert np.all(np.isfinite(res.losses)) and 0.0 <= res.metrics["eval_accuracy"] <= 1.0
-    base = glue.load_classifier("embedded:minilm", num_labels=2, seed=42).params
+    base = load_pretrained("embedded:minilm", head="classifier", num_labels=2, seed=42).params
     delta = sift_jax.load_delta(tmp_path / "real" / "sift_delta.safetensors")
     assert sift_jax.delta_num_params(delta) == 29186
     merged = sift_jax.merge_delta(base, delta)

@@ -30,7 +30,7 @@ from train import mesh as mesh_lib
 from train.config import TrainConfig, _f, parse_args
 from train.data import batching
 from train.data import glue as glue_data
-from train.encoder_io import load_classifier, save_classifier
+from train.models.pretrained import load_pretrained
 from train.trainer import Task, save_sift_delta, train
 
 SPARSE_ATTENTION = r"attention/(query|key|value|output)/"
@@ -69,13 +69,15 @@ def build_task(cfg: GlueConfig, model_dir: Any = None):
         max_eval_samples=cfg.max_eval_samples,
     )
     spec = data.spec
-    bundle = load_classifier(
+    bundle = load_pretrained(
         cfg.model_name_or_path,
+        head="classifier",
         num_labels=spec.num_labels,
         dtype="bfloat16" if cfg.bf16 else "float32",
         remat=cfg.gradient_checkpointing,
         id2label={str(i): n for i, n in enumerate(spec.label_names)} or None,
         seed=cfg.seed,
+        tokenizer="required",
     )
     print(
         f"Task {spec.name}: {len(data.train)} train / "
@@ -136,7 +138,7 @@ def run(cfg: GlueConfig):
             )
             print(f"Saved the SIFT delta to {path}.")
         if cfg.export_model:
-            save_classifier(bundle, result.params, out / "model")
+            bundle.export(result.params, out / "model")
             print(f"Saved the merged model (HF format) to {out / 'model'}.")
     shown = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     print("Final: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
