@@ -1,10 +1,19 @@
 """sift-jax: Sparse Increment Fine-Tuning (SIFT) for JAX.
 
 Train only a tiny, gradient-selected set of a pretrained model's weights with any optax
-optimizer, keeping optimizer state O(k). See :func:`sparse_increment`.
+optimizer, keeping optimizer state O(k).
+
+- :func:`sparse_increment`: the optax transform (drop-in for any training loop);
+- :class:`Sift` (:mod:`sift_jax.compact`): the compact-gradient path, where ``jax.grad``
+  itself returns k-sized gradients; :mod:`sift_jax.nnx` for Flax NNX models;
+- sparse deltas: :func:`extract_delta`, :func:`save_delta`, :func:`load_delta`,
+  :func:`merge_delta`, :func:`unmerge_delta`;
+- :mod:`sift_jax.selection` (strategies and their registry), :mod:`sift_jax.analysis`
+  (gradient quasi-sparsity), :mod:`sift_jax.paths` (leaf paths and roles).
 """
 
-from sift_jax._src.analysis import gradient_sparsity, gradient_sparsity_by_group, top_count
+from sift_jax import analysis, compact, paths, selection
+from sift_jax._src.compact import Sift, SiftState
 from sift_jax._src.delta import (
     SparseDelta,
     delta_nbytes,
@@ -15,29 +24,8 @@ from sift_jax._src.delta import (
     merge_delta,
     save_delta,
     unmerge_delta,
-    wide_dtype,
-)
-from sift_jax._src.increments import (
-    apply_increments,
-    gather_at,
-    increment_view,
-    init_increments,
-    probe_indices,
-    select_indices,
-    topk_probe,
-    write_increments,
-)
-from sift_jax._src.masks import leaf_roles, role_tree
-from sift_jax._src.paths import leaves_with_paths, path_to_str
-from sift_jax._src.selection import (
-    count_for_rate,
-    select_by_gradient,
-    select_by_magnitude,
-    select_random,
-    topk_indices,
 )
 from sift_jax._src.transform import (
-    DenseLeaf,
     SparseIncrementState,
     find_states,
     selected_indices,
@@ -45,43 +33,27 @@ from sift_jax._src.transform import (
     sparse_increment,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DenseLeaf",
+    "Sift",
+    "SiftState",
     "SparseDelta",
     "SparseIncrementState",
-    "apply_increments",
+    "analysis",
+    "compact",
     "delta_nbytes",
     "delta_num_params",
     "extract_delta",
-    "gather_at",
-    "gradient_sparsity",
-    "gradient_sparsity_by_group",
-    "increment_view",
-    "init_increments",
+    "find_states",
     "load_delta",
     "load_delta_metadata",
     "merge_delta",
+    "paths",
     "save_delta",
-    "select_indices",
-    "probe_indices",
-    "top_count",
-    "topk_probe",
-    "unmerge_delta",
-    "wide_dtype",
-    "write_increments",
-    "count_for_rate",
-    "find_states",
-    "leaf_roles",
-    "leaves_with_paths",
-    "path_to_str",
-    "role_tree",
-    "select_by_gradient",
-    "select_by_magnitude",
-    "select_random",
     "selected_indices",
+    "selection",
     "selection_done",
     "sparse_increment",
-    "topk_indices",
+    "unmerge_delta",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,8 @@ SPARSE, DENSE, FROZEN = "sparse", "dense", "frozen"
 
 
 def is_trainable_dtype(leaf: Any) -> bool:
-    """True for floating-point (incl. bf16/fp16) leaves; integer and bool leaves never train.
+    """True for floating-point (incl. bf16/fp16) and complex leaves; integer and bool leaves
+    never train.
 
     Example:
         >>> import jax.numpy as jnp
@@ -28,7 +30,9 @@ def is_trainable_dtype(leaf: Any) -> bool:
         False
     """
     dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+    return dtype is not None and (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)
+    )
 
 
 def _compile_spec(spec: LeafSpec, name: str, params: Any) -> list[bool]:
@@ -43,7 +47,16 @@ def _compile_spec(spec: LeafSpec, name: str, params: Any) -> list[bool]:
             patterns = [re.compile(s) for s in spec]
         except re.error as e:
             raise ValueError(f"`{name}` has an invalid regular expression: {e}") from e
-        return [any(p.search(path) for p in patterns) for path in paths]
+        hits = [[bool(p.search(path)) for p in patterns] for path in paths]
+        for j, p in enumerate(patterns):
+            if paths and not any(h[j] for h in hits):
+                warnings.warn(
+                    f"`{name}` pattern {p.pattern!r} matches no leaf; leaf paths look like "
+                    f"{paths[:4]}.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        return [any(h) for h in hits]
     if callable(spec):
         return [bool(spec(path, leaf)) for path, leaf in zip(paths, leaves, strict=True)]
     # A bool pytree: the same structure as params (or a prefix of it).

@@ -15,17 +15,15 @@ budget whether or not its gradients are large.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sift_jax._src import indexing
 from sift_jax._src import selection as selection_lib
-from sift_jax._src.transform import _gather, _unravel
 
 
 @dataclass(frozen=True)
@@ -117,107 +115,113 @@ def _smap(layout: ShardLayout, f, in_specs, out_specs):
     return jax.shard_map(f, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def placeholder_indices(layout: ShardLayout) -> jax.Array:
-    """Valid local indices (``arange(k_local)`` in every block) before selection happens."""
-    idx = np.tile(np.arange(layout.k_local, dtype=np.int32), layout.num_shards)
-    return jax.device_put(idx, layout.vector_sharding())
+@dataclass(frozen=True)
+class PerShard(indexing.Scope):
+    """``scope="shard"``: the top-``k_local`` within each block of a sharded leaf.
+
+    Indices are an ``int32[S * k_local]`` vector of local flat indices (block ``s`` holds
+    entries ``s * k_local ... (s + 1) * k_local - 1``), sharded over the same mesh axes as
+    the leaf; gathers, writes, selection and the probe run per block in ``shard_map``.
+    ``k`` is ``k_local``.
+    """
+
+    layout: ShardLayout | None = None
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        return (self.layout.size,)
+
+    def placeholder(self):
+        lay = self.layout
+        idx = np.tile(np.arange(lay.k_local, dtype=np.int32), lay.num_shards)
+        return jax.device_put(idx, lay.vector_sharding())
+
+    def zeros(self, dtype):
+        return jax.device_put(np.zeros((self.layout.size,), dtype), self.layout.vector_sharding())
+
+    def gather(self, x, idx):
+        lay = self.layout
+        return _smap(lay, indexing._gather_flat, (lay.spec, lay.idx_spec), lay.idx_spec)(x, idx)
+
+    def write(self, w, idx, values, op="set"):
+        lay, vec = self.layout, self.layout.idx_spec
+
+        def f(wb, ib, vb):
+            return indexing._scatter_at(wb, ib, vb, op)
+
+        return _smap(lay, f, (lay.spec, vec, vec), lay.spec)(w, idx, values)
+
+    def select(self, strategy, score, param, key, k=None):
+        lay = self.layout
+        k = lay.k_local if k is None else k
+        axes = lay.axes
+
+        def block_key():
+            if not axes:
+                return key
+            return jax.random.fold_in(key, jax.lax.axis_index(axes))
+
+        if score is None:
+            f = lambda pb: selection_lib.run(strategy, None, pb, k, block_key())
+            return _smap(lay, f, (lay.spec,), lay.idx_spec)(param)
+        if param is None:
+            f = lambda sb: selection_lib.run(strategy, sb, None, k, block_key())
+            return _smap(lay, f, (lay.spec,), lay.idx_spec)(score)
+        f = lambda sb, pb: selection_lib.run(strategy, sb, pb, k, block_key())
+        return _smap(lay, f, (lay.spec, lay.spec), lay.idx_spec)(score, param)
+
+    def probe_grad(self, g, width):
+        lay = self.layout
+        out_spec = PartitionSpec(None, lay.axes) if lay.axes else PartitionSpec()
+
+        def local(gb):
+            idx = selection_lib.topk_indices(selection_lib.finite_abs(gb), width)
+            return indexing.encode_probe(idx, indexing._gather_flat(gb, idx))
+
+        return _smap(lay, local, (lay.spec,), out_spec)(g)
+
+    def probe_shape(self, width=None):
+        return (3, self.layout.size if width is None else width * self.layout.num_shards)
+
+    def to_global(self, idx):
+        return np.sort(to_global(idx, self.layout))
+
+    def from_global(self, gidx):
+        lay = self.layout
+        gidx = np.asarray(gidx).reshape(-1)
+        if gidx.shape != (lay.size,):
+            raise ValueError(
+                f"Expected {lay.size} indices for a shard-local leaf of shape {lay.shape}, got "
+                f"{gidx.shape[0]}: the saved selection does not match this plan."
+            )
+        # Saved sorted; each block's entries are contiguous once grouped by block.
+        blocks = _block_of(gidx, lay)
+        if (np.bincount(blocks, minlength=lay.num_shards) != lay.k_local).any():
+            raise ValueError(
+                "Shard-local indices do not fall in their blocks: the checkpoint was written "
+                "under a different mesh or sharding than this run's."
+            )
+        order = np.argsort(blocks, kind="stable")
+        local = from_global(gidx[order], lay)
+        return jax.device_put(local, lay.vector_sharding())
 
 
-def zeros_vector(layout: ShardLayout, dtype) -> jax.Array:
-    """``dtype[S * k_local]`` zeros with the index vector's sharding."""
-    return jax.device_put(np.zeros((layout.size,), dtype), layout.vector_sharding())
+def scope_for(x: jax.Array, k: int) -> PerShard:
+    """The :class:`PerShard` scope of a placed array that gets ``k`` (global) increments."""
+    lay = layout_for(x, k)
+    return PerShard(tuple(x.shape), lay.k_local, lay)
 
 
-def gather_local(x: jax.Array, idx: jax.Array, layout: ShardLayout) -> jax.Array:
-    """``block.ravel()[local_idx]`` in every block: ``x``'s values at the selected entries."""
-
-    def f(xb, ib):
-        return _gather(xb, ib)
-
-    return _smap(layout, f, (layout.spec, layout.idx_spec), layout.idx_spec)(x, idx)
-
-
-def write_local(
-    w: jax.Array, idx: jax.Array, sel: jax.Array, delta: jax.Array, layout: ShardLayout
-) -> jax.Array:
-    """Shard-local :func:`sift_jax.write_increments`: ``w[idx] = round(sel + delta)`` per block."""
-    vec = layout.idx_spec
-
-    def f(wb, ib, sb, db):
-        v = (sb.astype(db.dtype) + db).astype(wb.dtype)
-        if wb.ndim == 0:
-            return v.reshape(())
-        return wb.at[_unravel(ib, wb.shape)].set(v, indices_are_sorted=True, unique_indices=True)
-
-    return _smap(layout, f, (layout.spec, vec, vec, vec), layout.spec)(w, idx, sel, delta)
-
-
-def topk_local(score: jax.Array, layout: ShardLayout) -> jax.Array:
-    """Sorted local indices of the ``k_local`` largest entries of ``score`` in every block."""
-
-    def f(sb):
-        return selection_lib.topk_indices(sb, layout.k_local)
-
-    return _smap(layout, f, (layout.spec,), layout.idx_spec)(score)
-
-
-@functools.cache
-def increment_view_fn(layout: ShardLayout):
-    """Shard-local :func:`sift_jax.increment_view`: ``w`` forward; ``grad_w`` at the local
-    indices (gathered inside each block) backward."""
-
-    @jax.custom_vjp
-    def view(w, delta, idx):
-        del delta, idx
-        return w
-
-    def fwd(w, delta, idx):
-        return w, (idx, jnp.zeros((0,), w.dtype), jnp.zeros((0,), delta.dtype))
-
-    def bwd(res, g):
-        idx, w_proto, d_proto = res
-        return (
-            jnp.zeros(g.shape, w_proto.dtype),  # never requested for frozen weights: DCE'd
-            gather_local(g, idx, layout).astype(d_proto.dtype),
-            np.zeros(idx.shape, jax.dtypes.float0),
-        )
-
-    view.defvjp(fwd, bwd)
-    return view
-
-
-@functools.cache
-def topk_probe_fn(layout: ShardLayout):
-    """Shard-local :func:`sift_jax.topk_probe`: the probe (``float32[3, S * k_local]``) gets,
-    per block, the rows ``(idx // 65536, idx % 65536, grad_w[idx])`` for the block's top-k
-    local indices (decode with :func:`sift_jax.probe_indices`)."""
-    out_spec = PartitionSpec(None, layout.axes) if layout.axes else PartitionSpec()
-
-    @jax.custom_vjp
-    def probe(w, pr):
-        del pr
-        return w
-
-    def fwd(w, pr):
-        del pr
-        return w, jnp.zeros((0,), w.dtype)
-
-    def local(gb):
-        idx = selection_lib.topk_indices(jnp.abs(gb.astype(jnp.float32)), layout.k_local)
-        return jnp.stack(
-            [
-                (idx // 65536).astype(jnp.float32),
-                (idx % 65536).astype(jnp.float32),
-                _gather(gb, idx).astype(jnp.float32),
-            ]
-        )
-
-    def bwd(w_proto, g):
-        pg = _smap(layout, local, (layout.spec,), out_spec)(g)
-        return jnp.zeros(g.shape, w_proto.dtype), pg
-
-    probe.defvjp(fwd, bwd)
-    return probe
+def _block_of(gidx: np.ndarray, layout: ShardLayout) -> np.ndarray:
+    if not layout.shape:
+        return np.zeros(gidx.shape, np.int64)
+    coords = np.unravel_index(gidx.astype(np.int64), layout.shape)
+    block = [c // n for c, n in zip(coords, layout.local_shape, strict=True)]
+    return np.ravel_multi_index(block, layout.blocks)
 
 
 def _coords(layout: ShardLayout):

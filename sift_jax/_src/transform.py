@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sift_jax._src import masks
+from sift_jax._src import indexing, masks
+from sift_jax._src import schedule as schedule_lib
 from sift_jax._src import selection as selection_lib
 from sift_jax._src.paths import path_to_str
 
 MaskedNode = optax.MaskedNode
 
-KSpec = float | int | Callable[[str, Any], int]
+KSpec = float | int | Mapping[str, int] | Callable[[str, Any], int]
 
 
 class DenseLeaf(NamedTuple):
@@ -38,8 +39,9 @@ class SparseIncrementState(NamedTuple):
             when gradient selection spans several steps (``selection_steps > 1``); otherwise
             ``MaskedNode`` everywhere (no O(n) memory).
         key: uint32[2] PRNG key for random selection.
-        inner_state: the inner optimizer's state over the compact tree (k-vectors for sparse
-            leaves, full arrays for dense leaves), or ``optax.EmptyState()`` in masking mode.
+        inner_state: the inner optimizer's state: in compact mode over the compact tree
+            (k-vectors for sparse leaves, full arrays for dense leaves, ``MaskedNode`` for
+            frozen ones); in masking mode over full-shape sparse and dense leaves.
     """
 
     count: jax.Array
@@ -53,10 +55,11 @@ def _is_marker(x: Any) -> bool:
     return isinstance(x, (MaskedNode, DenseLeaf))
 
 
-def _validate_k(k: Any) -> None:
+def validate_k(k: Any) -> None:
+    """Raises a clear error for a bad budget ``k`` (see :func:`sparse_increment`)."""
     if isinstance(k, (bool, np.bool_)):
         raise TypeError("`k` must be a rate in (0, 1], a count >= 1 or a callable, not a bool.")
-    if callable(k):
+    if callable(k) or isinstance(k, Mapping):
         return
     if isinstance(k, numbers.Integral):
         if k < 1:
@@ -70,64 +73,72 @@ def _validate_k(k: Any) -> None:
             )
         return
     raise TypeError(
-        f"`k` must be a float rate in (0, 1], an int count >= 1, or a callable "
-        f"(path, leaf) -> int; got {type(k).__name__}. Under optax.inject_hyperparams pass "
-        "static_args=('k', 'selection_steps', 'seed')."
+        f"`k` must be a float rate in (0, 1], an int count >= 1, a {{path: count}} mapping or a "
+        f"callable (path, leaf) -> int; got {type(k).__name__}. Under optax.inject_hyperparams "
+        "pass static_args=('k', 'selection_steps', 'reselect_every', 'seed')."
     )
 
 
-def _leaf_k(k: KSpec, path: str, leaf: Any) -> int:
-    n = math.prod(leaf.shape)
-    if callable(k):
-        value = k(path, leaf)
+def leaf_k(k: KSpec, path: str, shape: tuple[int, ...]) -> int:
+    """The number of entries a sparse leaf of ``shape`` at ``path`` trains under budget ``k``.
+
+    Example:
+        >>> leaf_k(0.01, "w", (100, 100)), leaf_k(5, "w", (2,)), leaf_k({"w": 3}, "w", (9,))
+        (101, 2, 3)
+    """
+    n = math.prod(shape)
+    if isinstance(k, Mapping):
+        if path not in k:
+            raise KeyError(f"`k` mapping has no count for the sparse leaf {path!r}.")
+        value = k[path]
+    elif callable(k):
+        value = k(path, jax.ShapeDtypeStruct(shape, jnp.float32))
+    else:
+        value = None
+    if value is not None:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"`k` callable returned {value!r} for {path!r}; it must return an int.")
+            raise TypeError(f"`k` gave {value!r} for {path!r}; it must be an int.")
         if not 1 <= value <= n:
-            raise ValueError(f"`k` callable returned {value} for {path!r}; it must be in [1, {n}].")
+            raise ValueError(f"`k` gave {value} for {path!r}; it must be in [1, {n}].")
         return int(value)
     if isinstance(k, numbers.Integral):
         return min(int(k), n)
     return selection_lib.count_for_rate(float(k), n)
 
 
-def _unravel(idx: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """Flat indices -> one index array per dimension, so scatters need no reshape."""
-    if len(shape) <= 1:
-        return (idx,)
-    # Truncating div/rem (indices are non-negative): ~10% faster scatters on CPU than
-    # jnp.unravel_index, whose floor division and range clipping add per-element work.
-    out = []
-    for d in reversed(shape[1:]):
-        d = jnp.asarray(d, idx.dtype)
-        out.append(jax.lax.rem(idx, d))
-        idx = jax.lax.div(idx, d)
-    return (idx, *reversed(out))
+def state_dtype_for(leaf_dtype: Any, state_dtype: Any) -> Any:
+    """The dtype of a leaf's optimizer-side copy: ``state_dtype`` (complex leaves get the
+    complex dtype of that precision); ``None`` keeps the leaf's dtype."""
+    if state_dtype is None:
+        return jnp.dtype(leaf_dtype)
+    if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
+        return jnp.result_type(state_dtype, jnp.complex64)
+    return jnp.dtype(state_dtype)
 
 
-def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """``x.ravel()[idx]`` for sorted, distinct, in-range flat indices.
+def check_arguments(selection_steps, seed, state_dtype) -> Any:
+    """Validates the shared SIFT arguments; returns the normalised ``state_dtype``."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_)):
+        raise TypeError(f"`seed` must be an int, got {seed!r}.")
+    if state_dtype is not None:
+        state_dtype = jnp.dtype(state_dtype)
+        if not jnp.issubdtype(state_dtype, jnp.floating):
+            raise ValueError(f"`state_dtype` must be a floating dtype, got {state_dtype}.")
+    del selection_steps  # checked by the Schedule
+    return state_dtype
 
-    A gather through the flat view: a reshape costs nothing here (unlike before a scatter that
-    should run in place) and a 1-D index gather is ~30% faster on CPU than the unravelled one.
-    """
-    return x.reshape(-1).at[idx].get(
-        mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True
-    )
+
+def _fresh_sparse_state(fresh: Any, old: Any, sparse_paths: set) -> Any:
+    """``old`` with every leaf that belongs to a sparse leaf taken from ``fresh``."""
+
+    def pick(path, f, o):
+        return f if _belongs(path, sparse_paths) else o
+
+    return jax.tree_util.tree_map_with_path(pick, fresh, old)
 
 
-def _scatter(values: jax.Array, idx: jax.Array, shape: tuple[int, ...], dtype: Any, op: str):
-    """Dense array of ``shape`` that is zero except ``values`` at ``idx``.
-
-    Written as ``zeros.at[unravelled idx].add`` with no reshape so that XLA turns
-    ``params + scatter(u)`` into an in-place scatter-add when params are donated.
-    """
-    values = values.astype(dtype)
-    if len(shape) == 0:
-        return values.reshape(())
-    zeros = jnp.zeros(shape, dtype)
-    at = zeros.at[_unravel(idx, shape)]
-    kw = {"indices_are_sorted": True, "unique_indices": True}
-    return at.add(values, **kw) if op == "add" else at.set(values, **kw)
+def _belongs(path: tuple, sparse_paths: set) -> bool:
+    return any(tuple(path[-len(p) :]) == p for p in sparse_paths if len(p) <= len(path))
 
 
 def sparse_increment(
@@ -136,11 +147,13 @@ def sparse_increment(
     *,
     sparse: masks.LeafSpec | None = None,
     dense: masks.LeafSpec | None = None,
-    selection: str | selection_lib.SelectionFn = "grad",
+    selection: str | selection_lib.SelectionFn | selection_lib.Strategy = "grad",
     selection_steps: int = 1,
-    seed: int = 0,
     update_on_selection: bool = False,
+    reselect_every: int = 0,
+    seed: int = 0,
     state_dtype: Any = "float32",
+    mode: str = "compact",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sparse Increment Fine-Tuning (SIFT) as an optax gradient transformation.
 
@@ -154,26 +167,30 @@ def sparse_increment(
 
     where :math:`T_s` is ``selection_steps`` and ``inner`` is any optax optimizer. *Dense* leaves
     (the paper's "exception" modules, e.g. a classifier) are updated by ``inner`` in full from the
-    first step; all other leaves are *frozen* (zero updates, no state).
+    first step; all other leaves are *frozen* (zero updates, no state). Only selected entries
+    and dense leaves ever change, whatever ``inner`` does (weight decay included).
 
     Two modes:
 
-    * **Compact** (``inner`` given, the memory-efficient choice): the state holds ``int32[k]``
+    * ``"compact"`` (default, the memory-efficient choice): the state holds ``int32[k]``
       indices per sparse leaf and ``inner``'s state over ONE tree whose sparse leaves are
       ``k``-vectors (gathered gradients, zeros during selection) and whose dense leaves are full
       arrays; ``inner`` also receives params gathered the same way, so ``optax.adamw`` decays
       only the selected weights. Updates come back dense-shaped (scatter), so plain
       ``optax.apply_updates(params, updates)`` works. Sparse-leaf state is O(k).
-    * **Masking** (``inner=None``, the form ``optax.chain(sparse_increment(k), optax.adam(lr))``):
-      the gradient passes at selected positions and is zero elsewhere (dense leaves pass through,
-      frozen leaves are zeroed). Downstream optimizers then keep *dense* O(n) state; prefer the
-      compact mode when memory matters.
+    * ``"masking"``: ``inner`` runs on the full-shape gradient, zero outside the selected
+      positions, with the full params (dense O(n) state, as with ``optax.chain`` of a mask and
+      an optimizer), and its updates are masked again to the selected positions, so decay or
+      momentum never move an unselected weight. For optimizers that need full-shape inputs.
 
     Selection happens at the update numbered ``selection_steps`` (1-based). Until then sparse
     leaves get exactly zero updates (dense leaves already train). With
     ``update_on_selection=True`` the last selection batch's gradient is also applied at the newly
-    chosen positions. ``inner``'s step count advances on every update, so Adam's bias correction
-    counts the selection steps too.
+    chosen positions. With ``reselect_every=N`` every N-th update after the first selection
+    chooses new positions from that update's gradient (the trained values stay in the params)
+    with fresh ``inner`` state for the sparse entries. ``inner``'s step count advances on every
+    update, so Adam's bias correction counts the selection steps too. The same schedule drives
+    the compact-gradient path (:mod:`sift_jax.compact`).
 
     Fast path: jit ``update`` and ``optax.apply_updates`` in ONE function and donate params; XLA
     then turns ``params + scatter(u)`` into an in-place scatter-add (see the README's benchmark).
@@ -186,30 +203,39 @@ def sparse_increment(
     ``optax.MultiSteps`` counts real optimizer steps; indices are int32 device arrays in the
     state.
 
+    Where optax tools see things differently: ``selection="magnitude"`` needs ``params`` on
+    every ``update``; the state is not shaped like params (k-vectors, ``MaskedNode`` for frozen
+    leaves), so ``optax.tree.map_params`` cannot map it: shard the ``int32[k]`` indices and the
+    k-vector moments replicated (they are small) and dense leaves' moments like their params.
+
     Args:
         k: per-leaf budget. A float in (0, 1] is a rate, ``k_leaf = min(int(k * n) + 1, n)`` (the
-            paper's rule); an int >= 1 is a count capped at ``n``; a callable
-            ``(path, leaf) -> int`` decides per leaf.
-        inner: the optimizer run on the compact tree; ``None`` selects masking mode.
+            paper's rule); an int >= 1 is a count capped at ``n``; a ``{path: count}`` mapping or
+            a callable ``(path, leaf) -> int`` decides per leaf (e.g. the counts of a global
+            budget, :func:`sift_jax.compact.budget_counts`).
+        inner: the optimizer (any optax transformation).
         sparse: which leaves get sparse increments: a regex (``re.search`` on the ``/``-joined
             leaf path, e.g. ``"attention/(query|key|value)"``), a list of regexes, a callable
             ``(path, leaf) -> bool`` or a bool pytree. ``None``: every floating-point leaf.
         dense: which leaves train densely (same forms); takes precedence over ``sparse``.
-        selection: ``"grad"`` (top-k of accumulated ``|g|``), ``"random"``, ``"magnitude"``
-            (top-k of ``|param|``; needs ``params`` in ``update``) or a callable
-            ``(score, param, k, key) -> int32[k]`` (k distinct flat indices, in any order)
-            with ``score`` the accumulated ``|g|``.
+        selection: a registered strategy name (``"grad"``: top-k of accumulated ``|g|``;
+            ``"random"``; ``"magnitude"``: top-k of ``|param|``; see :mod:`sift_jax.selection`)
+            or a callable ``(score, param, k, key) -> int32[k]`` (k distinct flat indices, in
+            any order) with ``score`` the accumulated ``|g|``.
         selection_steps: number of updates whose gradients are summed for selection. Values > 1
-            with ``"grad"`` (or a callable) keep an fp32 accumulator of size n per sparse leaf.
-        seed: seed for random selection.
-        update_on_selection: also apply the last selection batch's gradient (off by default,
+            with a gradient strategy keep an fp32 accumulator of size n per sparse leaf.
+        update_on_selection: also apply the (last) selection batch's gradient (off by default,
             like the paper).
-        state_dtype: dtype of the compact tree given to ``inner`` (so of its moments); ``None``
-            keeps the params' dtype. Updates are always returned in the params' dtype.
+        reselect_every: re-select every this many updates after the first selection (0: never).
+        seed: seed for random selection.
+        state_dtype: dtype of the tree given to ``inner`` (so of its moments; complex leaves
+            get the complex dtype of that precision); ``None`` keeps the params' dtype.
+        mode: ``"compact"`` or ``"masking"`` (see above).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``; extra keyword arguments of ``update`` are
-        forwarded to ``inner``.
+        forwarded to ``inner``. Updates come back in the gradients' dtype (optax's convention;
+        equal to the params' dtype when gradients have it).
 
     Example:
         >>> import jax, jax.numpy as jnp, optax, sift_jax
@@ -224,66 +250,61 @@ def sparse_increment(
         >>> int((updates["w"] != 0).sum()), int((updates["ln"] != 0).sum())
         (2, 0)
     """
-    _validate_k(k)
-    sel_fn, needs_grad = selection_lib.resolve_selection(selection)
-    if isinstance(selection_steps, (bool, np.bool_)) or not isinstance(
-        selection_steps, numbers.Integral
-    ):
-        raise TypeError(f"`selection_steps` must be an int >= 1, got {selection_steps!r}.")
-    if selection_steps < 1:
-        raise ValueError(f"`selection_steps` must be >= 1, got {selection_steps}.")
-    if not isinstance(seed, numbers.Integral):
-        raise TypeError(f"`seed` must be an int, got {seed!r}.")
-    if inner is not None and not isinstance(inner, optax.GradientTransformation):
+    validate_k(k)
+    strategy = selection_lib.get(selection)
+    sched = schedule_lib.Schedule(selection_steps, update_on_selection, reselect_every)
+    state_dtype = check_arguments(selection_steps, seed, state_dtype)
+    if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(
-            f"`inner` must be an optax.GradientTransformation or None, got {type(inner).__name__}."
+            "sparse_increment needs the optimizer to run on the selected entries, e.g. "
+            "sparse_increment(k, optax.adamw(1e-4)); got "
+            f"{type(inner).__name__}. (The chain form optax.chain(sparse_increment(k), opt) "
+            "cannot keep a downstream weight decay off unselected weights, so it is not "
+            "offered; use mode='masking' for an optimizer that needs full-shape inputs.)"
         )
-    if state_dtype is not None:
-        state_dtype = jnp.dtype(state_dtype)
-        if not jnp.issubdtype(state_dtype, jnp.floating):
-            raise ValueError(f"`state_dtype` must be a floating dtype, got {state_dtype}.")
-    selection_steps = int(selection_steps)
-    keep_score = needs_grad and selection_steps > 1
-    inner_tx = optax.with_extra_args_support(inner) if inner is not None else None
+    if mode not in ("compact", "masking"):
+        raise ValueError(f"`mode` must be 'compact' or 'masking', got {mode!r}.")
+    keep_score = strategy.needs_grad and sched.selection_steps > 1
+    inner_tx = optax.with_extra_args_support(inner)
+    masking = mode == "masking"
 
-    def _sdtype(dtype):
-        return dtype if state_dtype is None else state_dtype
+    def sdt(dtype):
+        return state_dtype_for(dtype, state_dtype)
 
     def init_fn(params: optax.Params) -> SparseIncrementState:
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         roles = masks.leaf_roles(params, sparse, dense)
-        indices, score, compact = [], [], []
+        indices, score, inner_tree = [], [], []
         for (path, leaf), role in zip(flat, roles, strict=True):
             if role == masks.SPARSE:
-                kk = _leaf_k(k, path_to_str(path), leaf)
+                kk = leaf_k(k, path_to_str(path), tuple(leaf.shape))
                 indices.append(jnp.arange(kk, dtype=jnp.int32))
-                score.append(jnp.zeros(leaf.shape, jnp.float32) if keep_score else MaskedNode())
-                compact.append(jnp.zeros((kk,), _sdtype(leaf.dtype)))
+                score.append(_zeros_like(leaf, jnp.float32) if keep_score else MaskedNode())
+                inner_tree.append(
+                    _zeros_like(leaf, sdt(leaf.dtype))
+                    if masking
+                    else jnp.zeros((kk,), sdt(leaf.dtype))
+                )
             elif role == masks.DENSE:
                 indices.append(DenseLeaf())
                 score.append(MaskedNode())
-                compact.append(jnp.zeros(leaf.shape, _sdtype(leaf.dtype)))
+                inner_tree.append(_zeros_like(leaf, sdt(leaf.dtype)))
             else:
                 indices.append(MaskedNode())
                 score.append(MaskedNode())
-                compact.append(MaskedNode())
-        if masks.SPARSE not in roles and masks.DENSE not in roles:
+                inner_tree.append(MaskedNode())
+        if flat and masks.SPARSE not in roles and masks.DENSE not in roles:
             raise ValueError(
                 "sparse_increment: no leaf is trainable: `sparse`/`dense` matched no "
                 "floating-point leaf. Check the patterns against the leaf paths, e.g. "
                 f"{[path_to_str(p) for p, _ in flat[:5]]}."
             )
-        inner_state = (
-            inner_tx.init(jax.tree.unflatten(treedef, compact))
-            if inner_tx is not None
-            else optax.EmptyState()
-        )
         return SparseIncrementState(
             count=jnp.zeros([], jnp.int32),
             indices=jax.tree.unflatten(treedef, indices),
             score=jax.tree.unflatten(treedef, score),
             key=jax.random.PRNGKey(int(seed)),
-            inner_state=inner_state,
+            inner_state=inner_tx.init(jax.tree.unflatten(treedef, inner_tree)),
         )
 
     def update_fn(updates, state: SparseIncrementState, params=None, **extra_args):
@@ -292,87 +313,103 @@ def sparse_increment(
         score_in = treedef.flatten_up_to(state.score)
         p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
         sparse_ids = [i for i, x in enumerate(idx_in) if not _is_marker(x)]
-        if selection == "magnitude" and params is None and sparse_ids:
-            raise ValueError(
-                "selection='magnitude' needs params: call update(grads, state, params)."
-            )
+        if not strategy.needs_grad and params is None and sparse_ids:
+            if strategy.name == "magnitude":
+                raise ValueError(
+                    "selection='magnitude' needs params: call update(grads, state, params)."
+                )
+        for i in sparse_ids:
+            n = math.prod(grads[i].shape)
+            if idx_in[i].shape[0] > n:
+                raise ValueError(
+                    f"sparse_increment: a sparse leaf has {n} entries now but its state holds "
+                    f"{idx_in[i].shape[0]} indices (from init); re-run init for the new shapes."
+                )
         count = state.count
+        scope = {
+            i: indexing.WholeTensor(tuple(grads[i].shape), idx_in[i].shape[0]) for i in sparse_ids
+        }
 
         # 1. Accumulate the selection score (only for multi-step gradient selection).
-        in_selection = count < selection_steps
         score_out = list(score_in)
         if keep_score:
+            in_phase = sched.in_selection_phase(count)
             for i in sparse_ids:
-                acc = score_in[i] + jnp.abs(grads[i]).astype(jnp.float32)
-                score_out[i] = jnp.where(in_selection, acc, score_in[i])
+                acc = score_in[i] + selection_lib.finite_abs(grads[i])
+                score_out[i] = jnp.where(in_phase, acc, score_in[i])
 
-        # 2. Select, once, under lax.cond so top-k is not recomputed every step.
+        # 2. Select under lax.cond, so top-k runs only on (re-)selection updates.
         def select(_):
             out = []
             for j, i in enumerate(sparse_ids):
-                if keep_score:
-                    s = score_out[i]
-                elif needs_grad:
-                    s = jnp.abs(grads[i]).astype(jnp.float32)
+                first = count == sched.select_step
+                if keep_score:  # re-selections use this update's gradient alone
+                    s = jnp.where(first, score_out[i], selection_lib.finite_abs(grads[i]))
+                elif strategy.needs_grad:
+                    s = selection_lib.finite_abs(grads[i])
                 else:
                     s = None
                 ref = p_leaves[i] if p_leaves[i] is not None else grads[i]
-                idx = sel_fn(s, ref, idx_in[i].shape[0], jax.random.fold_in(state.key, j))
-                idx = jnp.asarray(idx, jnp.int32).reshape(idx_in[i].shape)
-                # Gathers and scatters assume sorted indices; a user callable may not sort.
-                out.append(idx if isinstance(selection, str) else jnp.sort(idx))
+                key = selection_lib.leaf_key(state.key, j, count)
+                out.append(scope[i].select(strategy, s, ref, key))
             return out
 
         old = [idx_in[i] for i in sparse_ids]
-        new = jax.lax.cond(count == selection_steps - 1, select, lambda _: old, None)
+        selects = sched.selects_now(count)
+        new = jax.lax.cond(selects, select, lambda _: old, None)
         idx_out = list(idx_in)
         for i, idx in zip(sparse_ids, new, strict=True):
             idx_out[i] = idx
-        first_trained = selection_steps - 1 if update_on_selection else selection_steps
-        active = count >= first_trained
+        active = sched.trains_sparse(count)
 
-        # 3. Compact tree -> inner optimizer -> scatter back.
-        if inner_tx is None:
-            out = []
-            for i, g in enumerate(grads):
-                if isinstance(idx_out[i], DenseLeaf):
-                    out.append(g)
-                elif isinstance(idx_out[i], MaskedNode):
-                    out.append(jnp.zeros_like(g))
-                else:
-                    vals = jnp.where(active, _gather(g, idx_out[i]), 0)
-                    out.append(_scatter(vals, idx_out[i], g.shape, g.dtype, "set"))
-            inner_state = state.inner_state
-        else:
-            g_c, p_c = [], []
-            for i, g in enumerate(grads):
-                idx, p = idx_out[i], p_leaves[i]
-                if isinstance(idx, MaskedNode):
-                    g_c.append(MaskedNode())
-                    p_c.append(MaskedNode())
-                    continue
-                dt = _sdtype(g.dtype)
-                if isinstance(idx, DenseLeaf):
-                    g_c.append(g.astype(dt))
-                    p_c.append(None if p is None else p.astype(dt))
-                else:
-                    g_c.append(jnp.where(active, _gather(g, idx), 0).astype(dt))
-                    p_c.append(None if p is None else _gather(p, idx).astype(dt))
-            p_tree = None if params is None else jax.tree.unflatten(treedef, p_c)
-            u_tree, inner_state = inner_tx.update(
-                jax.tree.unflatten(treedef, g_c), state.inner_state, p_tree, **extra_args
+        # A re-selection starts the sparse entries' inner state afresh.
+        inner_state = state.inner_state
+        if sched.reselect_every and sparse_ids:
+            reselecting = selects & (count > sched.select_step)
+            sparse_paths = _sparse_key_paths(updates, sparse_ids)
+            fresh = inner_tx.init(_inner_tree_like(state, treedef, grads, idx_out, masking, sdt))
+            inner_state = jax.lax.cond(
+                reselecting,
+                lambda s: _fresh_sparse_state(fresh, s, sparse_paths),
+                lambda s: s,
+                inner_state,
             )
-            u_c = treedef.flatten_up_to(u_tree)
-            out = []
-            for i, g in enumerate(grads):
-                idx = idx_out[i]
-                if isinstance(idx, MaskedNode):
-                    out.append(jnp.zeros_like(g))
-                elif isinstance(idx, DenseLeaf):
-                    out.append(u_c[i].astype(g.dtype))
-                else:
-                    u = jnp.where(active, u_c[i], 0)
-                    out.append(_scatter(u, idx, g.shape, g.dtype, "add"))
+
+        # 3. Inner optimizer -> updates on the selected entries and dense leaves only.
+        g_c, p_c = [], []
+        for i, g in enumerate(grads):
+            idx, p = idx_out[i], p_leaves[i]
+            if isinstance(idx, MaskedNode):
+                g_c.append(MaskedNode())
+                p_c.append(MaskedNode())
+                continue
+            dt = sdt(g.dtype)
+            if isinstance(idx, DenseLeaf):
+                g_c.append(g.astype(dt))
+                p_c.append(None if p is None else p.astype(dt))
+            elif masking:
+                vals = jnp.where(active, scope[i].gather(g, idx), 0)
+                g_c.append(scope[i].write(jnp.zeros_like(g, dt), idx, vals.astype(dt)))
+                p_c.append(None if p is None else p.astype(dt))
+            else:
+                g_c.append(jnp.where(active, scope[i].gather(g, idx), 0).astype(dt))
+                p_c.append(None if p is None else scope[i].gather(p, idx).astype(dt))
+        p_tree = None if params is None else jax.tree.unflatten(treedef, p_c)
+        u_tree, inner_state = inner_tx.update(
+            jax.tree.unflatten(treedef, g_c), inner_state, p_tree, **extra_args
+        )
+        u_c = treedef.flatten_up_to(u_tree)
+        out = []
+        for i, g in enumerate(grads):
+            idx = idx_out[i]
+            if isinstance(idx, MaskedNode):
+                out.append(jnp.zeros_like(g))
+            elif isinstance(idx, DenseLeaf):
+                out.append(u_c[i].astype(g.dtype))
+            else:
+                u = u_c[i] if not masking else scope[i].gather(u_c[i], idx)
+                u = jnp.where(active, u, 0)
+                out.append(scope[i].write(jnp.zeros_like(g), idx, u, "add"))
 
         new_state = SparseIncrementState(
             count=optax.safe_increment(count),
@@ -384,6 +421,35 @@ def sparse_increment(
         return jax.tree.unflatten(treedef, out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _zeros_like(leaf: Any, dtype: Any) -> jax.Array:
+    """Zeros shaped (and, for placed arrays, sharded) like ``leaf``."""
+    if isinstance(leaf, jax.Array):
+        return jnp.zeros_like(leaf, dtype=dtype)
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+        return jnp.zeros(leaf.shape, dtype, device=sharding)
+    return jnp.zeros(leaf.shape, dtype)
+
+
+def _sparse_key_paths(tree: Any, sparse_ids: list[int]) -> set:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(flat[i][0]) for i in sparse_ids}
+
+
+def _inner_tree_like(state, treedef, grads, idx_out, masking, sdt):
+    """The tree ``inner`` was initialised on (zeros), rebuilt for a fresh-state init."""
+    out = []
+    for i, g in enumerate(grads):
+        idx = idx_out[i]
+        if isinstance(idx, MaskedNode):
+            out.append(MaskedNode())
+        elif isinstance(idx, DenseLeaf) or masking:
+            out.append(jnp.zeros_like(g, sdt(g.dtype)))
+        else:
+            out.append(jnp.zeros(idx.shape, sdt(g.dtype)))
+    return jax.tree.unflatten(treedef, out)
 
 
 def find_states(opt_state: Any) -> list[SparseIncrementState]:

@@ -1,0 +1,57 @@
+"""The compact-gradient SIFT path for any JAX training loop.
+
+:class:`Sift` plans which leaves of a parameter tree train sparsely, densely or not at all,
+splits the tree into what trains (``k``-vectors of selected weights + dense leaves), the
+donated buffers (merged weights, indices) and the frozen rest, and gives the loss its view of
+the parameters (the backward emits ``grad_W[idx]`` only), the in-place write after an update,
+selection (inside the backward, from an accumulated score, or per shard / per layer slice),
+re-selection, global budgets, checkpoint state with global indices and delta extraction.
+:mod:`sift_jax.nnx` wraps it for Flax NNX models.
+
+The lower-level pieces (scopes and the custom-VJP functions) are here too, for models that
+apply the view per layer inside a scan.
+"""
+
+from sift_jax._src.compact import (
+    BUDGETS,
+    SCOPES,
+    Leaf,
+    Sift,
+    SiftState,
+    budget_counts,
+    joint_topk,
+    value_and_grad,
+)
+from sift_jax._src.indexing import (
+    PROBE_BASE,
+    PerSlice,
+    Scope,
+    WholeTensor,
+    decode_probe,
+    encode_probe,
+    probe_fn,
+    view_fn,
+)
+from sift_jax._src.schedule import Schedule
+from sift_jax._src.shard_local import PerShard
+
+__all__ = [
+    "BUDGETS",
+    "PROBE_BASE",
+    "SCOPES",
+    "Leaf",
+    "PerShard",
+    "PerSlice",
+    "Schedule",
+    "Scope",
+    "Sift",
+    "SiftState",
+    "WholeTensor",
+    "budget_counts",
+    "decode_probe",
+    "encode_probe",
+    "joint_topk",
+    "probe_fn",
+    "value_and_grad",
+    "view_fn",
+]
