@@ -1,5 +1,6 @@
 """MMLU evaluator: exact prompt format, k-shot construction, answer scoring, accuracies."""
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from train.mmlu import (
 
 FIX = Path(__file__).parent / "fixtures"
 MMLU = str(FIX / "mmlu")
+REAL = FIX / "mmlu" / "real"  # rows cut byte for byte from the official files (see README.md)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,86 @@ def test_shots_are_dropped_to_fit_max_length(tok):
     ids, k = encode_prompt(tok, "world_geography", q, dev, n0 - 5)
     assert k == 0 and len(ids) == n0 - 5  # still too long: keeps the end ("...Answer:")
     assert tok.decode(ids).endswith("Answer:")
+
+
+def _csv_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize(
+    "name, n",
+    [
+        ("test/nutrition_test.csv", 4),
+        ("test/college_mathematics_test.csv", 3),
+        ("dev/nutrition_dev.csv", 5),
+        ("dev/college_mathematics_dev.csv", 5),
+    ],
+)
+def test_real_files_parse_row_for_row_like_csv_reader(name, n):
+    rows = _csv_rows(REAL / name)
+    qs = load_csv(str(REAL / name))
+    assert len(qs) == len(rows) == n
+    assert [[q.question, *q.options, q.answer] for q in qs] == rows
+
+
+def test_crlf_file_with_quoted_multiline_fields_and_no_final_newline():
+    raw = (REAL / "test/nutrition_test.csv").read_bytes()
+    assert raw.count(b"\r\n") == 3 and not raw.endswith(b"\n")  # the quirks are in the fixture
+    qs = load_csv(str(REAL / "test/nutrition_test.csv"))
+    # the bare LF inside the quoted question is kept; the CRLF row ends are not in any field
+    assert qs[0].question == (
+        "Which foods tend to be consumed in lower quantities in Wales and Scotland (as of 2020)?\n"
+    )
+    assert qs[0].options == ("Meat", "Confectionary", "Fruits and vegetables", "Potatoes")
+    assert not any("\r" in f for q in qs for f in (q.question, *q.options, q.answer))
+    assert qs[2].question.startswith(
+        'Which of the following is true about the diagnosis of "osteopenia" or "osteoporosis"'
+    )
+    assert [q.answer for q in qs] == ["C", "B", "A", "D"]
+    assert qs[3].question == "Which statement about the oral phase of digestion is INCORRECT?\n"
+    assert qs[3].options[3] == (
+        "Salivary amylase digests the dextran film on tooth enamel formed from dietary sucrose"
+    )
+    # the prompt shows the question's own trailing newline before the options
+    assert "(as of 2020)?\n\nA. Meat\nB. Confectionary\n" in build_prompt("nutrition", qs[0])
+
+
+def test_lf_file_multiline_question_none_option_and_quoted_options():
+    qs = load_csv(str(REAL / "test/college_mathematics_test.csv"))
+    assert qs[0].question.split("\n") == [
+        "Let V be a finite-dimensional real vector space and let P be a linear transformation "
+        "of V such that P^2 = P. Which of the following must be true?",
+        "I. P is invertible.",
+        "II. P is diagonalizable.",
+        "III. P is either the identity transformation or the zero transformation.",
+    ]
+    assert qs[0].options == ("None", "I only", "II only", "III only")  # text, not NaN
+    assert qs[1].options[0] == "None" and qs[1].answer == "D"
+    assert qs[2].options == ("(1, 6)", "(-1, 4)", "(3, 2)", "(-4, 3)") and qs[2].answer == "A"
+
+
+def test_crlf_inside_a_quoted_field_is_kept_verbatim():
+    # As the original code's pandas.read_csv keeps it (a 2-shot+ college_mathematics prompt
+    # shows it); the file's own row ends are LF.
+    qs = load_csv(str(REAL / "dev/college_mathematics_dev.csv"))
+    assert qs[2].question.split("\r\n") == [
+        "Let A be a real 2x2 matrix. Which of the following statements must be true?",
+        "I. All of the entries of A^2 are nonnegative.",
+        "II. The determinant of A^2 is nonnegative.",
+        "III. If A has two distinct eigenvalues, then A^2 has two distinct eigenvalues.",
+    ]
+    assert [q.answer for q in qs] == ["D", "D", "B", "C", "B"]
+    dev = load_csv(str(REAL / "dev/nutrition_dev.csv"))  # CRLF, no final newline
+    assert dev[2].options[1] == (
+        'Butyric acid, formed during colonic fibre fermentation stimulates "silencing" of the '
+        "SLC5A8 tumour suppressor gene"
+    )
+    assert [q.answer for q in dev] == ["C", "A", "D", "C", "B"]
+
+
+def test_empty_test_file_is_an_error(tmp_path, tok):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "empty_test.csv").write_text("")
+    with pytest.raises(ValueError, match=r"empty_test\.csv has no questions"):
+        evaluate_mmlu(lambda ids, mask: None, tok, str(tmp_path))

@@ -312,7 +312,10 @@ def evaluate_mmlu(
     preds_by_subject: dict[str, list[str]] = {}
     total_correct = total = 0
     for subject in subjects:
-        test = load_csv(os.path.join(data_dir, "test", f"{subject}_test.csv"))
+        test_path = os.path.join(data_dir, "test", f"{subject}_test.csv")
+        test = load_csv(test_path)
+        if not test:
+            raise ValueError(f"{test_path} has no questions.")
         if max_questions_per_subject is not None:
             test = test[:max_questions_per_subject]
         shots: list[Question] = []
