@@ -294,6 +294,20 @@ def test_a_non_empty_dir_needs_overwrite_or_resume(tmp_path):
         OutputDir(d).acquire()
 
 
+def test_another_processs_write_probe_is_not_contents(tmp_path):
+    """Processes starting together probe the dir (check_writable) while the primary checks
+    that it is empty: a probe must neither make it look taken nor be cleared under them."""
+    d = tmp_path / "out"
+    d.mkdir()
+    probe = d / "..write-test.0123abcd.tmp"
+    probe.write_text("x")
+    with OutputDir(d):
+        pass
+    (d / "model").mkdir()
+    with OutputDir(d, overwrite=True):
+        assert sorted(p.name for p in d.iterdir()) == sorted([LOCK_NAME, probe.name])
+
+
 def test_overwrite_clears_only_what_looks_like_a_run(tmp_path, monkeypatch):
     d = tmp_path / "notes"
     d.mkdir()

@@ -78,6 +78,10 @@ RUN_ENTRIES = (
     "error.log",
 )
 
+# check_writable's probe files: another process may be probing while the primary looks at the
+# directory, so they never count as contents (nor are they cleared).
+_PROBE = ".write-test"
+
 _FIX = "pass --overwrite_output_dir to replace it or --resume_from_checkpoint latest to continue it"
 
 
@@ -445,13 +449,14 @@ def check_writable(path: str | os.PathLike, *, what: str = "--output_dir") -> Pa
         raise OutputDirNotWritable(f"{what} {p} is not a directory.")
     tmp = None
     try:
-        fd, tmp = _create_temp(p / ".write-test")
+        fd, tmp = _create_temp(p / _PROBE)
         try:
             os.write(fd, b"x")
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     except OSError as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -690,9 +695,9 @@ class OutputDir:
                 "argv": list(sys.argv),
             }
             data = (json.dumps(info) + "\n").encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # informational: the flock is what counts
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
                 os.fsync(fd)
             self._fd = fd
             return
@@ -707,7 +712,11 @@ class OutputDir:
         return info if isinstance(info, dict) else None
 
     def _entries(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.name != LOCK_NAME)
+        return sorted(
+            p
+            for p in self.path.iterdir()
+            if p.name != LOCK_NAME and not p.name.startswith(f".{_PROBE}.")
+        )
 
     def _check_contents(self) -> None:
         entries = self._entries()
@@ -731,7 +740,10 @@ class OutputDir:
     def _refuse_dangerous(self, n: str) -> None:
         real = self.path.resolve()
         cwd = Path.cwd().resolve()
-        home = Path.home().resolve()
+        try:
+            home = Path.home().resolve()
+        except (KeyError, RuntimeError):  # no HOME and no passwd entry
+            home = Path(real.anchor)
         why = None
         if real == Path(real.anchor) or real == home:
             why = "it is the filesystem root or the home directory"
