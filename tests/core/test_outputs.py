@@ -308,6 +308,18 @@ def test_another_processs_write_probe_is_not_contents(tmp_path):
         assert sorted(p.name for p in d.iterdir()) == sorted([LOCK_NAME, probe.name])
 
 
+def test_a_dir_with_only_the_error_log_of_a_failed_start_counts_as_empty(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / outputs.ERROR_LOG).write_text("Traceback ...: model not found\n")
+    with OutputDir(d):  # the user fixed the typo and runs again: no --overwrite needed
+        pass
+    assert (d / outputs.ERROR_LOG).exists()  # kept (appended to)
+    (d / "train_log.jsonl").write_text("")
+    with OutputDir(d, overwrite=True):
+        assert not (d / outputs.ERROR_LOG).exists()  # a real overwrite clears it too
+
+
 def test_overwrite_clears_only_what_looks_like_a_run(tmp_path, monkeypatch):
     d = tmp_path / "notes"
     d.mkdir()

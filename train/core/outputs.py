@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ERROR_LOG",
     "LOCK_NAME",
     "RUN_STATE",
     "OutputDir",
@@ -63,6 +64,9 @@ __all__ = [
 
 LOCK_NAME = ".lock"
 RUN_STATE = "run_state.json"
+# Where a run's tracebacks go (train.core.cli.set_error_log). A directory holding only this
+# file (a run that failed before writing anything) still counts as empty.
+ERROR_LOG = "error.log"
 
 # Entries that mark a directory as a run's output directory: ``overwrite`` clears only such a
 # directory (``--overwrite_output_dir`` must not wipe a home directory given by mistake).
@@ -75,7 +79,7 @@ RUN_ENTRIES = (
     "sift_delta.safetensors",
     "checkpoints",
     "model",
-    "error.log",
+    ERROR_LOG,
 )
 
 # check_writable's probe files: another process may be probing while the primary looks at the
@@ -512,10 +516,11 @@ class OutputDir:
        run holds it, raises :class:`OutputDirLocked` naming the directory and the holder's
        PID / host. The kernel drops a lock when its holder dies, so the lock file left by a
        crashed (even ``SIGKILL``-ed) run does not block;
-    3. only then checks the contents (the lock file aside): a non-empty directory needs
-       ``overwrite`` (clears every entry but the lock, ``run_state.json`` first, so a
-       half-cleared directory never looks complete) or ``resume`` (keeps everything), else
-       :class:`OutputDirNotEmpty`. ``overwrite`` clears only a directory that looks like a
+    3. only then checks the contents (the lock file and :data:`ERROR_LOG` aside, so that a
+       run that failed before writing anything does not block the next): a non-empty
+       directory needs ``overwrite`` (clears every entry but the lock, ``run_state.json``
+       first, so a half-cleared directory never looks complete) or ``resume`` (keeps
+       everything), else :class:`OutputDirNotEmpty`. ``overwrite`` clears only a directory that looks like a
        run's (one of :data:`RUN_ENTRIES` in it), and never ``/``, the home directory or one
        that holds the working directory.
 
@@ -720,7 +725,7 @@ class OutputDir:
 
     def _check_contents(self) -> None:
         entries = self._entries()
-        if not entries or self.resume:
+        if all(p.name == ERROR_LOG for p in entries) or self.resume:
             return
         names = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in entries]
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
