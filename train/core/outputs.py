@@ -520,9 +520,9 @@ class OutputDir:
        run that failed before writing anything does not block the next): a non-empty
        directory needs ``overwrite`` (clears every entry but the lock, ``run_state.json``
        first, so a half-cleared directory never looks complete) or ``resume`` (keeps
-       everything), else :class:`OutputDirNotEmpty`. ``overwrite`` clears only a directory that looks like a
-       run's (one of :data:`RUN_ENTRIES` in it), and never ``/``, the home directory or one
-       that holds the working directory.
+       everything), else :class:`OutputDirNotEmpty`. ``overwrite`` clears only a directory
+       that looks like a run's (one of :data:`RUN_ENTRIES` in it), and never ``/``, the home
+       directory or one that holds the working directory.
 
     Other processes (``is_primary=False``) never lock nor clear: they wait (at most
     ``wait_timeout`` seconds) for the directory to exist and check that they can write it.
