@@ -1,13 +1,22 @@
 """MMLU evaluator: exact prompt format, k-shot construction, answer scoring, accuracies."""
 
 import csv
+import doctest
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from transformers import AutoTokenizer
 
+from train import mmlu
 from train.mmlu import (
+    DecoderScorer,
+    FullLogits,
     Question,
     build_prompt,
     choice_token_ids,
@@ -15,7 +24,10 @@ from train.mmlu import (
     evaluate_mmlu,
     list_subjects,
     load_csv,
+    plan_batches,
+    truncate_left,
 )
+from train.models.decoder import DecoderApply, LlamaConfig, LlamaForCausalLM
 
 FIX = Path(__file__).parent / "fixtures"
 MMLU = str(FIX / "mmlu")
@@ -140,11 +152,26 @@ def test_shots_are_dropped_to_fit_max_length(tok):
     q = load_csv(f"{MMLU}/test/world_geography_test.csv")[0]
     n0 = len(encode_prompt(tok, "world_geography", q, [], 10_000)[0])
     n2 = len(encode_prompt(tok, "world_geography", q, dev[:2], 10_000)[0])
-    ids, k = encode_prompt(tok, "world_geography", q, dev, n2)
-    assert k == 2 and len(ids) == n2
-    ids, k = encode_prompt(tok, "world_geography", q, dev, n0 - 5)
-    assert k == 0 and len(ids) == n0 - 5  # still too long: keeps the end ("...Answer:")
+    ids, k, cut = encode_prompt(tok, "world_geography", q, dev, n2)
+    assert k == 2 and len(ids) == n2 and not cut
+    ids, k, cut = encode_prompt(tok, "world_geography", q, dev, n0 - 5)
+    assert k == 0 and len(ids) == n0 - 5 and cut  # still too long: keeps the end ("...Answer:")
     assert tok.decode(ids).endswith("Answer:")
+
+
+def test_fewer_shots_and_truncation_are_counted(tok):
+    dev = load_csv(f"{MMLU}/dev/world_geography_dev.csv")
+    test = load_csv(f"{MMLU}/test/world_geography_test.csv")
+    n0 = [len(encode_prompt(tok, "world_geography", q, [], 10_000).ids) for q in test]
+    n1 = [len(encode_prompt(tok, "world_geography", q, dev[:1], 10_000).ids) for q in test]
+    limit = max(n0) - 1  # the longest question is cut; no prompt keeps a shot
+    assert min(n1) > limit
+    res = evaluate_mmlu(fake_model(tok, {}), tok, MMLU, 3, ["world_geography"], max_length=limit)
+    assert res.num_fewer_shots == 4 and res.num_truncated == sum(n > limit for n in n0) > 0
+    assert res.max_prompt_tokens == limit and res.max_length == limit
+    m = res.as_dict()
+    assert m["mmlu_num_truncated"] == res.num_truncated and m["mmlu_num_fewer_shots"] == 4
+    assert m["mmlu_seconds"] > 0 and m["mmlu_questions_per_second"] > 0
 
 
 def _csv_rows(path):
@@ -228,3 +255,142 @@ def test_empty_test_file_is_an_error(tmp_path, tok):
     (tmp_path / "test" / "empty_test.csv").write_text("")
     with pytest.raises(ValueError, match=r"empty_test\.csv has no questions"):
         evaluate_mmlu(lambda ids, mask: None, tok, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- fast path
+
+# the fixture tokenizer's vocab; a wide init so the answer logits are far from ties
+CFG = LlamaConfig.tiny(vocab_size=512, max_position_embeddings=4096, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    graphdef, state = nnx.split(LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)), nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def full_logits_fn(tiny):
+    graphdef, params = tiny
+    f = jax.jit(DecoderApply(graphdef))
+    return lambda ids, mask: f(params, jnp.asarray(ids), jnp.asarray(mask))
+
+
+def encoded(tok, data_dir, k_shot, max_length=10_000):
+    prompts, groups = [], []
+    for subject in list_subjects(data_dir):
+        dev = load_csv(f"{data_dir}/dev/{subject}_dev.csv")[:k_shot]
+        for q in load_csv(f"{data_dir}/test/{subject}_test.csv"):
+            e = encode_prompt(tok, subject, q, dev, max_length)
+            prompts.append(e.ids)
+            groups.append((subject, e.shots))
+    return prompts, groups
+
+
+@pytest.mark.parametrize("data_dir", [MMLU, str(REAL)])
+@pytest.mark.parametrize("k_shot", [0, 3])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(padding_side="right"),
+        dict(padding_side="left", tokens_per_batch=256),  # several widths, filler rows
+        dict(padding_side="right", tokens_per_batch=64, min_prefix=8),  # one row per batch
+        dict(padding_side="left", prefix_cache=False),
+    ],
+)
+def test_fast_scorer_matches_full_logits_on_a_tiny_decoder(tok, tiny, data_dir, k_shot, kw):
+    prompts, groups = encoded(tok, data_dir, k_shot)
+    ids = choice_token_ids(tok) + list(range(3, 512, 5))  # more columns than the 4 letters
+    ref = FullLogits(full_logits_fn(tiny), batch_size=3).choice_logits(prompts, ids, 0)
+    scorer = DecoderScorer(*tiny, **kw)
+    fast = scorer.choice_logits(prompts, ids, 0, groups)
+    np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-4)
+    assert (fast.argmax(-1) == ref.argmax(-1)).all()
+    assert np.ptp(ref, axis=0).max() > 0.05  # the rows differ (each its own last token)
+    assert scorer.stats["questions"] == len(prompts)
+    # each token is run once: in its question's forward or in its subject's cached prefix
+    cached = shared = 0
+    for g in set(groups):
+        rows = [p for p, h in zip(prompts, groups, strict=True) if h == g]
+        p = min(mmlu.common_prefix_length(rows), min(map(len, rows)) - 1)
+        if kw.get("prefix_cache", True) and p >= kw.get("min_prefix", 64):
+            cached, shared = cached + 1, shared + p * (len(rows) - 1)
+    assert scorer.stats["prefixes"] == cached
+    if k_shot and kw.get("prefix_cache", True):
+        assert cached == 2  # one per subject: the header and the 3 answered examples
+    total = scorer.stats["tokens"] + scorer.stats["prefix_tokens"] + shared
+    assert total == sum(map(len, prompts))
+
+
+def test_fast_and_full_paths_give_the_same_mmlu_result(tok, tiny):
+    # prompts that lose shots to max_length form their own (subject, shots) prefix groups
+    prompts, _ = encoded(tok, str(REAL), 5)
+    limit = sorted(map(len, prompts))[len(prompts) // 2]
+    full = evaluate_mmlu(full_logits_fn(tiny), tok, str(REAL), 5, max_length=limit)
+    scorer = DecoderScorer(*tiny, tokens_per_batch=512, min_prefix=16)
+    fast = evaluate_mmlu(scorer, tok, str(REAL), 5, max_length=limit)
+    assert 0 < fast.num_fewer_shots < fast.num_questions == 7
+    assert fast.predictions == full.predictions and fast.subjects == full.subjects
+    assert fast.num_fewer_shots == full.num_fewer_shots
+    assert scorer.stats["prefixes"] >= 3  # some subject has prompts at two shot counts
+
+
+def test_fast_path_does_not_compute_logits_at_every_position(tiny):
+    graphdef, params = tiny
+    ids = jnp.ones((4, 64), jnp.int32)
+    last = jnp.full((4,), 63, jnp.int32)
+    cids = jnp.arange(4)
+    fast = mmlu._last_token_logits.lower(graphdef, params, ids, ids, last, cids).compile()
+    full = jax.jit(DecoderApply(graphdef)).lower(params, ids, ids).compile()
+    assert "f32[4,64,512]" in full.as_text()
+    assert "f32[4,64,512]" not in fast.as_text()
+
+
+def test_plan_batches_covers_every_prompt_once_in_few_shapes():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 700, 500).tolist()
+    batches = plan_batches(lengths, tokens_per_batch=1024, max_batch_size=16)
+    rows = [r for b in batches for r in b.rows]
+    assert sorted(rows) == list(range(500))
+    assert all(lengths[r] <= b.width for b in batches for r in b.rows)
+    assert all(0 < len(b.rows) <= b.size <= 16 for b in batches)
+    shapes = {(b.size, b.width) for b in batches}
+    widths = {mmlu.bucket_width(n) for n in range(1, 700)}
+    assert len(shapes) == len({b.width for b in batches}) <= len(widths) == 14
+    assert [len(b.rows) < b.size for b in batches].count(True) <= 1  # filler: last batch only
+    padded = sum(b.size * b.width for b in batches)
+    assert padded < 1.5 * sum(lengths)
+
+
+def test_left_truncation_keeps_bos_and_the_question_end():
+    assert truncate_left([1, 2, 3, 4, 5], 3, bos_id=1) == [1, 4, 5]
+    assert truncate_left([7, 2, 3, 4, 5], 3, bos_id=1) == [3, 4, 5]
+    assert truncate_left([1, 2], 3, bos_id=1) == [1, 2]
+
+
+def test_main_writes_the_results_json(tmp_path, monkeypatch, tok, tiny):
+    graphdef, params = tiny
+    fake = SimpleNamespace(
+        graphdef=graphdef, params=params, config=CFG, apply_fn=DecoderApply(graphdef)
+    )
+    monkeypatch.setattr(mmlu, "load_scorer_model", lambda name, dtype, delta: (fake, tok))
+    out = tmp_path / "mmlu.json"
+    argv = ["--mmlu_dir", str(REAL), "--mmlu_k_shot", "5", "--output_file", str(out)]
+    res = mmlu.main(argv + ["--max_length", "1000"])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert saved["mmlu_k_shot"] == 5 and saved["mmlu_num_questions"] == 7
+    assert saved["mmlu_max_length"] == 1000 and "mmlu_num_truncated" in saved
+    assert set(saved) >= {"mmlu_nutrition", "mmlu_college_mathematics", "mmlu_average"}
+    assert saved["mmlu_questions_per_second"] > 0 and saved["scorer"] == "decoder"
+    assert len(saved["predictions"]["nutrition"]) == 4
+    assert saved["scorer_stats"]["prefixes"] >= 2
+    full = mmlu.main(argv + ["--max_length", "1000", "--full_logits"])
+    assert full["predictions"] == saved["predictions"]
+    with pytest.raises(SystemExit):
+        mmlu.main(argv + ["--max_length", "5000"])  # beyond the model's 4096 positions
+
+
+def test_docstring_examples(monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent.parent)  # examples use repo-relative paths
+    res = doctest.testmod(mmlu, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0 and res.attempted > 20

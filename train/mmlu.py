@@ -1,8 +1,12 @@
 """MMLU-style multiple-choice evaluation (zero- or k-shot) from local CSV files.
 
 The layout is the original MMLU release's: ``<dir>/dev/<subject>_dev.csv`` (few-shot examples)
-and ``<dir>/test/<subject>_test.csv``, no header, columns ``question, A, B, C, D, answer``.
-Prompts are the original code's (Hendrycks et al.)::
+and ``<dir>/test/<subject>_test.csv`` (or ``val/``), no header, columns
+``question, A, B, C, D, answer``. Fields are kept verbatim, as the original code's
+``pandas.read_csv`` reads them (line breaks inside quoted fields included, a ``CRLF`` inside a
+quoted field as well), except that an option ``None`` stays the text ``"None"`` (pandas makes
+it NaN and the original prompt then shows ``nan``). Prompts are the original code's
+(Hendrycks et al.)::
 
     The following are multiple choice questions (with answers) about <subject words>.
 
@@ -17,13 +21,26 @@ Prompts are the original code's (Hendrycks et al.)::
     ...
     Answer:
 
-and the prediction is the argmax over the next-token logits of the answer letters (``" A"``,
-``" B"``, ...), as in the original code and the SIFT paper's evaluation. When a prompt is longer
-than ``max_length`` the number of shots is reduced (as the original does), and a zero-shot
-prompt that is still too long keeps its last ``max_length`` tokens.
+except that the subject words follow a single space (the original's ``format_subject`` puts
+a second one before them). The prediction is the argmax over the next-token logits of the
+answer letters (``" A"``, ``" B"``, ...), as in the original code and the SIFT paper's
+evaluation. When a prompt is longer than ``max_length`` the number of shots is reduced (as
+the original does), and a zero-shot prompt that is still too long keeps its last
+``max_length`` tokens (the end of the question, its options and ``Answer:``; a leading BOS is
+kept). Both are counted in the result.
 
-Anything that maps ``(input_ids, attention_mask) -> [batch, seq, vocab]`` logits can be
-evaluated, so a tiny random model or a fake function tests it.
+Two ways to score the prompts, with the same predictions:
+
+* any ``logits_fn(input_ids, attention_mask) -> [batch, seq, vocab]`` (:class:`FullLogits`;
+  a tiny random model or a fake function tests it): right-padded batches in file order, the
+  logits read at each prompt's last real token;
+* :class:`DecoderScorer` for a ``train.models`` decoder (what ``python -m train.mmlu`` uses):
+  the LM head is applied at each prompt's last real token only (the model's hidden states,
+  not ``[batch, seq, vocab]`` logits); prompts are sorted by length into batches of a few
+  bucketed widths (about ``tokens_per_batch`` tokens each, so few distinct shapes to
+  compile); and the token prefix that every prompt of a subject shares (the header and the
+  k answered dev examples) is run once into a KV cache that each batch of questions attends
+  to, so a k-shot run costs about what a zero-shot one does.
 """
 
 from __future__ import annotations
@@ -32,9 +49,14 @@ import argparse
 import csv
 import json
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 CHOICES = ("A", "B", "C", "D")
@@ -130,19 +152,20 @@ def load_csv(path: str) -> list[Question]:
     return out
 
 
-def list_subjects(data_dir: str) -> list[str]:
-    """Subjects with a ``test/<subject>_test.csv`` file, sorted.
+def list_subjects(data_dir: str, split: str = "test") -> list[str]:
+    """Subjects with a ``<split>/<subject>_<split>.csv`` file, sorted.
 
     Example:
         >>> list_subjects("tests/fixtures/mmlu")
         ['college_chemistry', 'world_geography']
     """
-    test_dir = os.path.join(data_dir, "test")
-    if not os.path.isdir(test_dir):
+    split_dir = os.path.join(data_dir, split)
+    if not os.path.isdir(split_dir):
         raise FileNotFoundError(
-            f"No MMLU test directory {test_dir} (expected <dir>/test/<subject>_test.csv)."
+            f"No MMLU {split} directory {split_dir} (expected <dir>/{split}/<subject>_{split}.csv)."
         )
-    return sorted(f[: -len("_test.csv")] for f in os.listdir(test_dir) if f.endswith("_test.csv"))
+    end = f"_{split}.csv"
+    return sorted(f[: -len(end)] for f in os.listdir(split_dir) if f.endswith(end))
 
 
 def choice_token_ids(tokenizer, choices: Sequence[str] = CHOICES) -> list[int]:
@@ -169,36 +192,480 @@ def choice_token_ids(tokenizer, choices: Sequence[str] = CHOICES) -> list[int]:
     return ids
 
 
+class Encoded(NamedTuple):
+    """A tokenized prompt: its ids, the shots it holds, and whether it was cut to fit."""
+
+    ids: list[int]
+    shots: int
+    truncated: bool
+
+
+def truncate_left(ids: Sequence[int], max_length: int, bos_id: int | None = None) -> list[int]:
+    """The last ``max_length`` tokens of ``ids``, keeping a leading ``bos_id``.
+
+    Example:
+        >>> truncate_left([1, 5, 6, 7, 8], 3), truncate_left([1, 5, 6, 7, 8], 3, bos_id=1)
+        ([6, 7, 8], [1, 7, 8])
+    """
+    ids = list(ids)
+    if len(ids) <= max_length:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id and max_length > 1:
+        return ids[:1] + ids[len(ids) - max_length + 1 :]
+    return ids[len(ids) - max_length :]
+
+
 def encode_prompt(
     tokenizer, subject: str, question: Question, shots: Sequence[Question], max_length: int
-) -> tuple[list[int], int]:
+) -> Encoded:
     """Token ids of the prompt, dropping shots while it exceeds ``max_length``.
 
     Returns:
-        ``(ids, shots_used)``; a zero-shot prompt still too long keeps its last tokens.
+        ``Encoded(ids, shots, truncated)``; a zero-shot prompt still too long keeps its last
+        tokens (and a leading BOS), with ``truncated=True``.
 
     Example:
         >>> from transformers import AutoTokenizer
         >>> tok = AutoTokenizer.from_pretrained("tests/fixtures/instruct/tokenizer")
         >>> q = Question("2+2?", ("1", "2", "3", "4"), "D")
-        >>> ids, k = encode_prompt(tok, "math", q, [q, q], max_length=10_000)
-        >>> k, tok.decode(ids).endswith("Answer:")
-        (2, True)
+        >>> ids, k, cut = encode_prompt(tok, "math", q, [q, q], max_length=10_000)
+        >>> k, cut, tok.decode(ids).endswith("Answer:")
+        (2, False, True)
+        >>> encode_prompt(tok, "math", q, [q, q], max_length=10)[1:]
+        (0, True)
     """
     k = len(shots)
     while True:
         ids = list(tokenizer(build_prompt(subject, question, shots[:k]))["input_ids"])
         if len(ids) <= max_length:
-            return ids, k
+            return Encoded(ids, k, False)
         if k == 0:
-            return ids[-max_length:], 0
+            return Encoded(truncate_left(ids, max_length, tokenizer.bos_token_id), 0, True)
         k -= 1
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def bucket_width(n: int, multiple: int = 32, per_octave: int = 4) -> int:
+    """The padded width for a prompt of ``n`` tokens: a multiple of ``multiple``, at most
+    ``per_octave`` widths between two powers of two (padding under ``1 / per_octave``), so
+    batches take few distinct shapes.
+
+    Example:
+        >>> [bucket_width(n) for n in (1, 32, 33, 65, 100, 129, 257, 1000)]
+        [32, 32, 64, 96, 128, 160, 320, 1024]
+        >>> [bucket_width(n, per_octave=2) for n in (100, 129, 257, 1000)]
+        [128, 192, 384, 1024]
+    """
+    if n <= multiple:
+        return multiple
+    w = multiple
+    while 2 * w < n:
+        w *= 2
+    step = max(w // per_octave, multiple)
+    return w + -(-(n - w) // step) * step
+
+
+class Batch(NamedTuple):
+    """Prompt indices ``rows`` padded to ``width`` tokens in a batch of ``size`` rows
+    (``size - len(rows)`` filler rows)."""
+
+    rows: list[int]
+    width: int
+    size: int
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    tokens_per_batch: int = 2048,
+    max_batch_size: int = 32,
+    multiple: int = 32,
+    per_octave: int = 4,
+) -> list[Batch]:
+    """Batches of prompts of similar length, longest first.
+
+    Each batch's width is :func:`bucket_width` of its longest prompt and its row count
+    ``tokens_per_batch // width`` (between 1 and ``max_batch_size``), so a width always comes
+    with the same row count (one compiled shape per width); only the last batch has filler
+    rows.
+
+    Example:
+        >>> for b in plan_batches([10, 300, 40, 35, 12, 290], tokens_per_batch=128):
+        ...     print(b)
+        Batch(rows=[1], width=320, size=1)
+        Batch(rows=[5], width=320, size=1)
+        Batch(rows=[2, 3], width=64, size=2)
+        Batch(rows=[4, 0], width=32, size=4)
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, i = [], 0
+    while i < len(order):
+        width = bucket_width(lengths[order[i]], multiple, per_octave)
+        size = max(1, min(max_batch_size, tokens_per_batch // width))
+        out.append(Batch(order[i : i + size], width, size))
+        i += size
+    return out
+
+
+def pad_batch(
+    prompts: Sequence[Sequence[int]], batch: Batch, pad_id: int, side: str = "right"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, mask, last)`` ``[size, width]``, ``[size, width]``, ``[size]`` for ``batch``:
+    ``last`` is each row's last real token (filler rows hold one ``pad_id`` token).
+
+    Example:
+        >>> ids, mask, last = pad_batch([[5, 6, 7], [8]], Batch([0, 1], 4, 3), 0, "left")
+        >>> ids.tolist(), last.tolist()
+        ([[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]], [3, 3, 3])
+        >>> pad_batch([[5, 6, 7], [8]], Batch([0, 1], 4, 2), 0)[2].tolist()
+        [2, 0]
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}.")
+    ids = np.full((batch.size, batch.width), pad_id, np.int32)
+    mask = np.zeros((batch.size, batch.width), np.int32)
+    last = np.zeros(batch.size, np.int32)
+    rows = [list(prompts[r]) for r in batch.rows] + [[pad_id]] * (batch.size - len(batch.rows))
+    for r, p in enumerate(rows):
+        n = len(p)
+        if not 0 < n <= batch.width:
+            raise ValueError(f"prompt of {n} tokens does not fit width {batch.width}.")
+        lo = 0 if side == "right" else batch.width - n
+        ids[r, lo : lo + n] = p
+        mask[r, lo : lo + n] = 1
+        last[r] = lo + n - 1
+    return ids, mask, last
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all of ``seqs`` share.
+
+    Example:
+        >>> common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]])
+        2
+    """
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class Scorer(Protocol):
+    """``choice_logits(prompts, choice_ids, pad_id, groups)`` -> ``[n, len(choice_ids)]``:
+    the next-token logits of the answer letters after each prompt. ``groups`` (one hashable
+    per prompt, e.g. its subject and shot count) tells which prompts share a prefix."""
+
+    def choice_logits(
+        self,
+        prompts: Sequence[list[int]],
+        choice_ids: Sequence[int],
+        pad_id: int,
+        groups: Sequence[Hashable] | None = None,
+    ) -> np.ndarray: ...
+
+
+def full_logits_scores(
+    logits_fn: LogitsFn,
+    prompts: Sequence[list[int]],
+    choice_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int = 8,
+    pad_to_multiple_of: int = 64,
+) -> np.ndarray:
+    """``[n, len(choice_ids)]`` logits of the choices after each prompt, the straightforward
+    way: prompts in order, right-padded to a multiple of ``pad_to_multiple_of`` and to
+    ``batch_size`` rows, full ``[b, s, vocab]`` logits read at each prompt's last real token.
+
+    Example:
+        >>> def logits_fn(ids, mask):  # favours token 7 everywhere
+        ...     out = np.zeros(ids.shape + (10,)); out[..., 7] = 1.0; return out
+        >>> full_logits_scores(logits_fn, [[1, 2], [3]], [5, 7], pad_id=0).tolist()
+        [[0.0, 1.0], [0.0, 1.0]]
+    """
+    out = []
+    choice_ids = np.asarray(choice_ids)
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        width = -(-max(len(p) for p in chunk) // pad_to_multiple_of) * pad_to_multiple_of
+        ids, mask, last = pad_batch(
+            chunk, Batch(list(range(len(chunk))), width, batch_size), pad_id
+        )
+        logits = np.asarray(logits_fn(ids, mask))
+        out.append(logits[np.arange(batch_size), last][:, choice_ids][: len(chunk)])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(choice_ids)))
+
+
+def predict(
+    logits_fn: LogitsFn,
+    prompts: Sequence[list[int]],
+    choice_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int = 8,
+    pad_to_multiple_of: int = 64,
+) -> np.ndarray:
+    """Index of the highest-scoring choice for each tokenized prompt
+    (:func:`full_logits_scores`).
+
+    Example:
+        >>> def logits_fn(ids, mask):  # favours token 7 everywhere
+        ...     out = np.zeros(ids.shape + (10,)); out[..., 7] = 1.0; return out
+        >>> predict(logits_fn, [[1, 2], [3]], choice_ids=[5, 6, 7, 8], pad_id=0).tolist()
+        [2, 2]
+    """
+    scores = full_logits_scores(
+        logits_fn, prompts, choice_ids, pad_id, batch_size, pad_to_multiple_of
+    )
+    return scores.argmax(-1) if len(scores) else np.zeros(0, np.int64)
+
+
+@dataclass
+class FullLogits:
+    """:class:`Scorer` over any ``logits_fn(ids, mask) -> [b, s, vocab]``
+    (:func:`full_logits_scores`).
+
+    Example:
+        >>> f = lambda ids, mask: np.eye(4)[ids]  # the next token is the current one
+        >>> FullLogits(f, batch_size=2).choice_logits([[1], [3, 2]], [1, 2], 0).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+
+    logits_fn: LogitsFn
+    batch_size: int = 8
+    pad_to_multiple_of: int = 64
+
+    def choice_logits(self, prompts, choice_ids, pad_id, groups=None) -> np.ndarray:
+        """See :class:`Scorer` (``groups`` is ignored)."""
+        return full_logits_scores(
+            self.logits_fn, prompts, choice_ids, pad_id, self.batch_size, self.pad_to_multiple_of
+        )
+
+
+def _head_at(model, hidden, last, choice_ids):
+    """The choice logits at ``hidden[r, last[r]]``, as ``LlamaForCausalLM`` computes logits
+    (final norm, then the tied embedding or the LM head, in fp32)."""
+    x = model.model.norm(hidden[jnp.arange(hidden.shape[0]), last])
+    head = model.model.embed_tokens.attend if model.lm_head is None else model.lm_head
+    return head(x).astype(jnp.float32)[:, choice_ids]
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _last_token_logits(graphdef, params, ids, mask, last, choice_ids):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    _, hidden = model(ids, mask, output_hidden_states=True)  # the unused logits are dead code
+    return _head_at(model, hidden[-1], last, choice_ids)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, params, ids, mask):
+    from flax import nnx
+
+    from train.models.decoder import init_cache
+
+    model = nnx.merge(graphdef, params)
+    _, cache = model(ids, mask, cache=init_cache(model.cfg, 1, ids.shape[1]), cache_index=0)
+    return cache
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _cached_last_token_logits(graphdef, params, cache, prefix_mask, ids, mask, last, choice_ids):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    b, s = ids.shape
+    p = prefix_mask.shape[-1]
+
+    def grow(c):  # [layers, 1, p, kv, hd] -> [layers, b, p + s, kv, hd]
+        shape = (c.shape[0], b, p) + c.shape[3:]
+        tail = jnp.zeros((c.shape[0], b, s) + c.shape[3:], c.dtype)
+        return jnp.concatenate([jnp.broadcast_to(c, shape), tail], axis=2)
+
+    full = jnp.concatenate([jnp.broadcast_to(prefix_mask, (b, p)), mask], axis=1)
+    (_, hidden), _ = model(
+        ids, full, cache=jax.tree.map(grow, cache), cache_index=p, output_hidden_states=True
+    )
+    return _head_at(model, hidden[-1], last, choice_ids)
+
+
+class DecoderScorer:
+    """Fast :class:`Scorer` for a ``train.models`` decoder (``LlamaForCausalLM`` family).
+
+    Same predictions as :class:`FullLogits` on the model's logits, computed with less work:
+    the LM head only at each prompt's last real token; prompts sorted into
+    :func:`plan_batches` batches (left or right padded); and, per group of prompts (one
+    subject at one shot count), the shared token prefix run once into a KV cache when it has
+    at least ``min_prefix`` tokens (``prefix_cache=False`` turns this off). Prompts of groups
+    with shorter shared prefixes (zero-shot: only the header) are batched together.
+
+    Args:
+        graphdef: the model's NNX graphdef. params: its nested dict of params.
+        tokens_per_batch: about this many padded tokens per forward.
+        max_batch_size: at most this many rows per forward.
+        padding_side: ``"right"`` or ``"left"``.
+        prefix_cache: run shared prefixes once into a KV cache.
+        min_prefix: shortest shared prefix worth caching.
+        verbose: print progress about once a minute.
+
+    Attributes:
+        stats: counters of the work done (``questions``, ``batches``, ``shapes`` compiled,
+            ``tokens`` real and ``padded_tokens`` in the forwards, cached ``prefixes`` and
+            their ``prefix_tokens``).
+
+    Example:
+        >>> from flax import nnx
+        >>> from train.models.decoder import LlamaConfig, LlamaForCausalLM
+        >>> g, p = nnx.split(LlamaForCausalLM(LlamaConfig.tiny(), rngs=nnx.Rngs(0)), nnx.Param)
+        >>> s = DecoderScorer(g, nnx.to_pure_dict(p), min_prefix=2)
+        >>> s.choice_logits([[3, 4, 5, 6], [3, 4, 5, 9, 8]], [10, 11], pad_id=0).shape
+        (2, 2)
+        >>> s.stats["prefixes"], s.stats["prefix_tokens"], s.stats["tokens"]
+        (1, 3, 3)
+    """
+
+    def __init__(
+        self,
+        graphdef: Any,
+        params: Any,
+        *,
+        tokens_per_batch: int = 2048,
+        max_batch_size: int = 32,
+        padding_side: str = "right",
+        prefix_cache: bool = True,
+        min_prefix: int = 64,
+        verbose: bool = False,
+    ):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if tokens_per_batch < 1 or max_batch_size < 1:
+            raise ValueError("tokens_per_batch and max_batch_size must be >= 1.")
+        self.graphdef, self.params = graphdef, params
+        self.tokens_per_batch, self.max_batch_size = tokens_per_batch, max_batch_size
+        self.padding_side, self.prefix_cache = padding_side, prefix_cache
+        self.min_prefix, self.verbose = max(1, min_prefix), verbose
+        self.stats: dict[str, Any] = dict.fromkeys(
+            ("questions", "batches", "tokens", "padded_tokens", "prefixes", "prefix_tokens"), 0
+        )
+        self._shapes: set[tuple] = set()
+
+    @classmethod
+    def from_model(cls, model: Any, **kw: Any) -> DecoderScorer:
+        """From a ``train.models.pretrained.Pretrained`` decoder (``graphdef``, ``params``) or
+        anything with ``params`` and an ``apply_fn`` holding a ``graphdef``.
+
+        Example:
+            >>> from train.models.pretrained import load_pretrained
+            >>> s = DecoderScorer.from_model(load_pretrained("embedded:smollm2"))  # doctest: +SKIP
+        """
+        graphdef = getattr(model, "graphdef", None)
+        if graphdef is None:
+            graphdef = getattr(getattr(model, "apply_fn", None), "graphdef", None)
+        if graphdef is None:
+            raise TypeError(f"{type(model).__name__} has no graphdef (not a train.models model).")
+        return cls(graphdef, model.params, **kw)
+
+    def choice_logits(
+        self,
+        prompts: Sequence[list[int]],
+        choice_ids: Sequence[int],
+        pad_id: int,
+        groups: Sequence[Hashable] | None = None,
+    ) -> np.ndarray:
+        """See :class:`Scorer`."""
+        n = len(prompts)
+        out = np.zeros((n, len(choice_ids)), np.float32)
+        if n == 0:
+            return out
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("An empty prompt has no last token to score.")
+        cids = jnp.asarray(np.asarray(choice_ids, np.int32))
+        members: dict[Hashable, list[int]] = {}
+        for i, g in enumerate(groups if groups is not None else [None] * n):
+            members.setdefault(g, []).append(i)
+        pooled: list[int] = []
+        cached: list[tuple[list[int], int]] = []
+        for rows in members.values():
+            shared = [prompts[i] for i in rows]
+            # at least one token per prompt stays outside the prefix (its last one is scored)
+            p = min(common_prefix_length(shared), min(len(s) for s in shared) - 1)
+            if self.prefix_cache and p >= self.min_prefix:
+                cached.append((rows, p))
+            else:
+                pooled.extend(rows)
+        self._t0, self._done, self._n, self._next_log = time.time(), 0, n, time.time() + 60
+        if pooled:
+            sub = [prompts[i] for i in pooled]
+            scores = self._run(sub, cids, pad_id, None)
+            out[pooled] = scores
+        for rows, p in cached:
+            prefix = list(prompts[rows[0]][:p])
+            width = bucket_width(p, per_octave=2)
+            ids = np.full((1, width), pad_id, np.int32)
+            mask = np.zeros((1, width), np.int32)
+            ids[0, :p], mask[0, :p] = prefix, 1
+            self._shapes.add(("prefill", width))
+            cache = _prefill(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask))
+            self.stats["prefixes"] += 1
+            self.stats["prefix_tokens"] += p
+            out[rows] = self._run([prompts[i][p:] for i in rows], cids, pad_id, (cache, mask))
+        self.stats["questions"] += n
+        self.stats["shapes"] = len(self._shapes)
+        return out
+
+    def _run(self, prompts, cids, pad_id, prefix) -> np.ndarray:
+        out = np.zeros((len(prompts), cids.shape[0]), np.float32)
+        lengths = [len(p) for p in prompts]
+        for batch in plan_batches(lengths, self.tokens_per_batch, self.max_batch_size):
+            ids, mask, last = pad_batch(prompts, batch, pad_id, self.padding_side)
+            args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(last), cids)
+            if prefix is None:
+                self._shapes.add(ids.shape)
+                res = _last_token_logits(self.graphdef, self.params, *args)
+            else:
+                cache, pmask = prefix
+                self._shapes.add((pmask.shape[1],) + ids.shape)
+                res = _cached_last_token_logits(
+                    self.graphdef, self.params, cache, jnp.asarray(pmask), *args
+                )
+            out[batch.rows] = np.asarray(res)[: len(batch.rows)]
+            self.stats["batches"] += 1
+            self.stats["tokens"] += sum(lengths[r] for r in batch.rows)
+            self.stats["padded_tokens"] += ids.size
+            self._progress(len(batch.rows))
+        return out
+
+    def _progress(self, k: int) -> None:
+        self._done += k
+        now = time.time()
+        if self.verbose and now >= self._next_log:
+            rate = self._done / (now - self._t0)
+            eta = (self._n - self._done) / max(rate, 1e-9)
+            print(
+                f"MMLU scoring: {self._done}/{self._n} questions, {rate:.2f}/s, "
+                f"{len(self._shapes)} shapes compiled, about {eta / 60:.0f} min left",
+                flush=True,
+            )
+            self._next_log = now + 60
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 
 @dataclass
 class MMLUResult:
     """Accuracies: per subject, the question-weighted average (the original MMLU number) and
-    the unweighted mean over subjects."""
+    the unweighted mean over subjects; how the prompts were built (``k_shot``,
+    ``max_length``, how many got fewer shots or were cut from the left) and how long it
+    took."""
 
     subjects: dict[str, float]
     average: float
@@ -206,6 +673,18 @@ class MMLUResult:
     num_questions: int
     k_shot: int
     predictions: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    num_fewer_shots: int = 0
+    num_truncated: int = 0
+    max_length: int | None = None
+    split: str = "test"
+    seconds: float = 0.0
+    prompt_tokens: int = 0
+    max_prompt_tokens: int = 0
+
+    @property
+    def questions_per_second(self) -> float:
+        """Questions per second of wall time (tokenizing and compiling included)."""
+        return self.num_questions / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
         """JSON-friendly metrics (``mmlu_average``, ``mmlu_<subject>``, ...).
@@ -219,55 +698,21 @@ class MMLUResult:
             "mmlu_macro_average": self.macro_average,
             "mmlu_num_questions": self.num_questions,
             "mmlu_k_shot": self.k_shot,
+            "mmlu_split": self.split,
+            "mmlu_max_length": self.max_length,
+            "mmlu_num_fewer_shots": self.num_fewer_shots,
+            "mmlu_num_truncated": self.num_truncated,
+            "mmlu_prompt_tokens": self.prompt_tokens,
+            "mmlu_max_prompt_tokens": self.max_prompt_tokens,
+            "mmlu_seconds": round(self.seconds, 3),
+            "mmlu_questions_per_second": round(self.questions_per_second, 4),
         }
         out.update({f"mmlu_{s}": a for s, a in self.subjects.items()})
         return out
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def predict(
-    logits_fn: LogitsFn,
-    prompts: Sequence[list[int]],
-    choice_ids: Sequence[int],
-    pad_id: int,
-    batch_size: int = 8,
-    pad_to_multiple_of: int = 64,
-) -> np.ndarray:
-    """Index of the highest-scoring choice for each tokenized prompt.
-
-    Batches are right-padded to a multiple of ``pad_to_multiple_of`` and to ``batch_size``
-    rows (few distinct shapes for a jitted ``logits_fn``); the logits are read at each
-    prompt's last real token.
-
-    Example:
-        >>> def logits_fn(ids, mask):  # favours token 7 everywhere
-        ...     out = np.zeros(ids.shape + (10,)); out[..., 7] = 1.0; return out
-        >>> predict(logits_fn, [[1, 2], [3]], choice_ids=[5, 6, 7, 8], pad_id=0).tolist()
-        [2, 2]
-    """
-    preds = []
-    choice_ids = np.asarray(choice_ids)
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        width = _round_up(max(len(p) for p in chunk), pad_to_multiple_of)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros((batch_size, width), np.int32)
-        for r, p in enumerate(chunk):
-            ids[r, : len(p)] = p
-            mask[r, : len(p)] = 1
-        mask[len(chunk) :, 0] = 1  # filler rows: one token, ignored
-        logits = np.asarray(logits_fn(ids, mask))
-        last = np.maximum(mask.sum(1) - 1, 0)
-        scores = logits[np.arange(batch_size), last][:, choice_ids]
-        preds.append(scores.argmax(-1)[: len(chunk)])
-    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
-
-
 def evaluate_mmlu(
-    logits_fn: LogitsFn,
+    model: LogitsFn | Scorer,
     tokenizer,
     data_dir: str,
     k_shot: int = 0,
@@ -276,19 +721,24 @@ def evaluate_mmlu(
     max_length: int = 2048,
     max_questions_per_subject: int | None = None,
     verbose: bool = False,
+    split: str = "test",
 ) -> MMLUResult:
-    """MMLU accuracy of a model given as ``logits_fn``.
+    """MMLU accuracy of a model.
 
     Args:
-        logits_fn: ``(input_ids [b, s] int32, attention_mask [b, s]) -> [b, s, vocab]``.
+        model: a :class:`Scorer` (e.g. :class:`DecoderScorer`) or a ``logits_fn``
+            ``(input_ids [b, s] int32, attention_mask [b, s]) -> [b, s, vocab]``, scored with
+            :class:`FullLogits` in batches of ``batch_size``.
         tokenizer: an HF tokenizer (its special tokens, e.g. BOS, are added to each prompt).
         data_dir: the MMLU directory (``dev/`` and ``test/`` CSVs).
         k_shot: answered dev examples in each prompt (0 = zero-shot).
-        subjects: subjects to run (default: every ``test/*_test.csv``).
-        batch_size: prompts per ``logits_fn`` call.
-        max_length: longest prompt in tokens (shots are dropped to fit).
-        max_questions_per_subject: evaluate only the first N test questions of each subject.
+        subjects: subjects to run (default: every ``<split>/*_<split>.csv``).
+        batch_size: prompts per ``logits_fn`` call (a ``logits_fn`` only).
+        max_length: longest prompt in tokens (shots are dropped to fit, then zero-shot
+            prompts are cut from the left).
+        max_questions_per_subject: evaluate only the first N questions of each subject.
         verbose: print one line per subject.
+        split: ``"test"`` or ``"val"``.
 
     Returns:
         An :class:`MMLUResult`.
@@ -301,71 +751,161 @@ def evaluate_mmlu(
         >>> r.subjects
         {'college_chemistry': 0.25, 'world_geography': 0.5}
     """
-    subjects = list(subjects) if subjects is not None else list_subjects(data_dir)
+    t0 = time.time()
+    scorer = model if hasattr(model, "choice_logits") else FullLogits(model, batch_size)
+    subjects = list(subjects) if subjects is not None else list_subjects(data_dir, split)
     if not subjects:
-        raise ValueError(f"No MMLU subjects found in {data_dir}/test.")
+        raise ValueError(f"No MMLU subjects found in {data_dir}/{split}.")
     choice_ids = choice_token_ids(tokenizer)
     if len(set(choice_ids)) != len(choice_ids):
         raise ValueError(f"The answer letters do not map to distinct tokens: {choice_ids}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    accs: dict[str, float] = {}
-    preds_by_subject: dict[str, list[str]] = {}
-    total_correct = total = 0
+    questions: dict[str, list[Question]] = {}
+    encoded: list[Encoded] = []
+    groups: list[tuple[str, int]] = []
+    num_fewer_shots = 0
     for subject in subjects:
-        test_path = os.path.join(data_dir, "test", f"{subject}_test.csv")
-        test = load_csv(test_path)
-        if not test:
-            raise ValueError(f"{test_path} has no questions.")
+        path = os.path.join(data_dir, split, f"{subject}_{split}.csv")
+        qs = load_csv(path)
+        if not qs:
+            raise ValueError(f"{path} has no questions.")
         if max_questions_per_subject is not None:
-            test = test[:max_questions_per_subject]
+            qs = qs[:max_questions_per_subject]
         shots: list[Question] = []
         if k_shot > 0:
             dev_path = os.path.join(data_dir, "dev", f"{subject}_dev.csv")
             if not os.path.exists(dev_path):
                 raise FileNotFoundError(f"--mmlu_k_shot {k_shot} needs {dev_path}.")
             shots = load_csv(dev_path)[:k_shot]
-        prompts = [encode_prompt(tokenizer, subject, q, shots, max_length)[0] for q in test]
-        pred = predict(logits_fn, prompts, choice_ids, pad_id, batch_size)
-        letters = [CHOICES[i] for i in pred]
-        correct = sum(p == q.answer for p, q in zip(letters, test, strict=True))
-        accs[subject] = correct / max(len(test), 1)
+        questions[subject] = qs
+        for q in qs:
+            e = encode_prompt(tokenizer, subject, q, shots, max_length)
+            num_fewer_shots += e.shots < len(shots)
+            encoded.append(e)
+            groups.append((subject, e.shots))
+    scores = scorer.choice_logits([e.ids for e in encoded], choice_ids, pad_id, groups)
+    pred = np.asarray(scores).argmax(-1)
+    accs: dict[str, float] = {}
+    preds_by_subject: dict[str, list[str]] = {}
+    total_correct = total = 0
+    for subject, qs in questions.items():
+        letters = [CHOICES[i] for i in pred[total : total + len(qs)]]
+        correct = sum(p == q.answer for p, q in zip(letters, qs, strict=True))
+        accs[subject] = correct / len(qs)
         preds_by_subject[subject] = letters
         total_correct += correct
-        total += len(test)
+        total += len(qs)
         if verbose:
-            print(f"MMLU {subject}: {accs[subject]:.4f} ({correct}/{len(test)})")
+            print(f"MMLU {subject}: {accs[subject]:.4f} ({correct}/{len(qs)})")
+    lengths = [len(e.ids) for e in encoded]
     return MMLUResult(
         accs,
-        total_correct / max(total, 1),
+        total_correct / total,
         float(np.mean(list(accs.values()))),
         total,
         k_shot,
         preds_by_subject,
+        num_fewer_shots=num_fewer_shots,
+        num_truncated=sum(e.truncated for e in encoded),
+        max_length=max_length,
+        split=split,
+        seconds=time.time() - t0,
+        prompt_tokens=sum(lengths),
+        max_prompt_tokens=max(lengths),
     )
 
 
+def load_scorer_model(name: str, dtype: str = "float32", delta: str | None = None):
+    """``(Pretrained decoder, tokenizer)`` of ``name`` with the SIFT ``delta`` merged in.
+
+    Example:
+        >>> m, tok = load_scorer_model("embedded:smollm2")  # doctest: +SKIP
+    """
+    from train.models.pretrained import load_pretrained
+
+    model = load_pretrained(name, head="causal_lm", dtype=dtype, tokenizer="required")
+    if delta:
+        import sift_jax
+
+        model.params = sift_jax.merge_delta(model.params, sift_jax.load_delta(delta))
+    return model, model.tokenizer
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m train.mmlu --mmlu_dir DIR [--model_name_or_path M] [--delta D]``.
+    """``python -m train.mmlu --mmlu_dir DIR [--mmlu_k_shot 5] [--delta D] [--output_file F]``.
 
     Example:
         >>> main(["--mmlu_dir", "data/mmlu", "--delta", "d.safetensors"])  # doctest: +SKIP
     """
-    from train import generate as gen
-
     p = argparse.ArgumentParser(description="MMLU evaluation of a (SIFT-tuned) decoder.")
-    gen.add_model_args(p)
+    p.add_argument(
+        "--model_name_or_path",
+        default="embedded:smollm2",
+        help="'embedded:smollm2' (the packaged SmolLM2-135M-Instruct), a .gguf file, or a local "
+        "HF LLaMA-family directory.",
+    )
+    p.add_argument("--delta", default=None, help="A SIFT delta (.safetensors) to merge in.")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="Parameter and compute dtype (bfloat16 is much slower on CPU).",
+    )
     p.add_argument("--mmlu_dir", required=True, help="MMLU directory (dev/ and test/ CSVs).")
-    p.add_argument("--mmlu_k_shot", type=int, default=0, help="Answered examples per prompt.")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--mmlu_k_shot", type=int, default=0, help="Answered dev examples per prompt.")
     p.add_argument("--subjects", nargs="*", default=None, help="Subjects (default: all).")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--max_length", type=int, default=2048)
+    p.add_argument(
+        "--max_length",
+        type=int,
+        default=2048,
+        help="Longest prompt in tokens: shots are dropped to fit (as the original code), then "
+        "zero-shot prompts are cut from the left. Both are counted in the output.",
+    )
     p.add_argument("--max_questions_per_subject", type=int, default=None)
-    p.add_argument("--output_file", default=None, help="Write the metrics JSON here.")
+    p.add_argument("--tokens_per_batch", type=int, default=2048, help="Padded tokens per forward.")
+    p.add_argument("--max_batch_size", type=int, default=32)
+    p.add_argument("--padding_side", default="right", choices=["right", "left"])
+    p.add_argument(
+        "--no_prefix_cache",
+        action="store_true",
+        help="Run every prompt in full instead of caching each subject's shared prefix.",
+    )
+    p.add_argument(
+        "--full_logits",
+        action="store_true",
+        help="The straightforward path (full [b, s, vocab] logits, file order, --batch_size "
+        "rows): slow, for checking the fast one.",
+    )
+    p.add_argument("--batch_size", type=int, default=8, help="Rows per batch with --full_logits.")
+    p.add_argument("--output_file", default=None, help="Write the results JSON here.")
     args = p.parse_args(argv)
-    model = gen.load_model(args)
+    if args.mmlu_k_shot < 0 or args.max_length < 1:
+        p.error("--mmlu_k_shot must be >= 0 and --max_length >= 1.")
+    t0 = time.time()
+    model, tok = load_scorer_model(args.model_name_or_path, args.dtype, args.delta)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.max_length > context:
+        p.error(f"--max_length {args.max_length} exceeds the model's context of {context}.")
+    if args.full_logits:
+        f = jax.jit(model.apply_fn)
+        scorer: Any = FullLogits(
+            lambda ids, mask: f(model.params, jnp.asarray(ids), jnp.asarray(mask)),
+            args.batch_size,
+        )
+    else:
+        scorer = DecoderScorer.from_model(
+            model,
+            tokens_per_batch=args.tokens_per_batch,
+            max_batch_size=args.max_batch_size,
+            padding_side=args.padding_side,
+            prefix_cache=not args.no_prefix_cache,
+            verbose=True,
+        )
+    load_seconds = time.time() - t0
     res = evaluate_mmlu(
-        model.logits_fn,
-        model.tokenizer,
+        scorer,
+        tok,
         args.mmlu_dir,
         args.mmlu_k_shot,
         args.subjects,
@@ -373,12 +913,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.max_length,
         args.max_questions_per_subject,
         verbose=True,
+        split=args.split,
     )
-    print(f"MMLU average accuracy: {res.average:.4f} over {res.num_questions} questions")
+    print(
+        f"MMLU {args.split} {args.mmlu_k_shot}-shot average accuracy: {res.average:.4f} over "
+        f"{res.num_questions} questions ({res.num_fewer_shots} with fewer shots, "
+        f"{res.num_truncated} cut to --max_length {args.max_length}); {res.seconds:.0f} s, "
+        f"{res.questions_per_second:.2f} questions/s"
+    )
+    out = res.as_dict()
+    out.update(
+        {
+            "model": args.model_name_or_path,
+            "delta": args.delta,
+            "dtype": args.dtype,
+            "scorer": "full_logits" if args.full_logits else "decoder",
+            "settings": {
+                k: getattr(args, k)
+                for k in ("tokens_per_batch", "max_batch_size", "padding_side", "batch_size")
+            }
+            | {"prefix_cache": not args.no_prefix_cache},
+            "load_seconds": round(load_seconds, 3),
+            "scorer_stats": dict(getattr(scorer, "stats", {})),
+            "jax_backend": jax.default_backend(),
+            "predictions": {s: "".join(v) for s, v in res.predictions.items()},
+        }
+    )
     if args.output_file:
         with open(args.output_file, "w") as f:
-            json.dump(res.as_dict(), f, indent=2)
-    return res.as_dict()
+            json.dump(out, f, indent=2)
+            f.write("\n")
+    return out
 
 
 if __name__ == "__main__":
