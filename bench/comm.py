@@ -36,9 +36,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from train.config import TrainConfig
-from train.mesh import parse_mesh, put_batch
-from train.methods import build_method, flatten_paths, make_schedule
+from sift_jax.paths import flatten_paths
+from train.core.config import TrainConfig
+from train.core.fit import setup
+from train.core.mesh import parse_mesh, put_batch
+from train.core.task import Task
 from train.models.encoder import (
     EncoderConfig,
     EncoderForSequenceClassification,
@@ -46,7 +48,6 @@ from train.models.encoder import (
 )
 from train.models.functional import split_params
 from train.models.sharding import param_shardings
-from train.trainer import Task, make_selection_fn, make_train_step, split_frozen
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 SPARSE = r"attention/(query|key|value|output)/"
@@ -131,22 +132,25 @@ def _task(graphdef) -> Task:
 
 
 def compile_steps(model_cfg, mesh, ftype, scope, rate, batch, seq):
-    """``{"train": hlo_text, "select": hlo_text}`` for one method (``select`` only for SIFT)."""
+    """``{"train": hlo_text, "select": hlo_text}`` for one method (``select`` only for SIFT),
+    compiled from the trainer's own setup (:func:`train.core.fit.setup`)."""
     model = EncoderForSequenceClassification(model_cfg, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     graphdef, params = split_params(model)
     shardings = nnx.to_pure_dict(param_shardings(state, mesh))
     params = jax.tree.map(jax.device_put, params, shardings)
+    div = mesh.shape["data"] * mesh.shape["fsdp"]
     cfg = TrainConfig(
         finetuning_type=ftype,
         sparse_rate=rate,
         sparse_module=[SPARSE],
         sparse_exception=["classifier"],
         selection_scope=scope,
-        sift_path="compact",
+        per_device_train_batch_size=batch // div,
+        max_steps=1000,
     )
-    method = build_method(params, cfg, make_schedule(1e-4, 1000, 0.0), jax.random.key(0))
     task = _task(graphdef)
+    s = setup(cfg, task, params, mesh, train_size=batch)
     rng = np.random.default_rng(0)
     host = {
         "input_ids": rng.integers(5, model_cfg.vocab_size, (batch, seq)).astype(np.int32),
@@ -155,22 +159,21 @@ def compile_steps(model_cfg, mesh, ftype, scope, rate, batch, seq):
         "labels": rng.integers(0, 2, batch).astype(np.int32),
     }
     dev = put_batch(host, mesh)
-    trainable = method.trainable
-    mut, const = split_frozen(method, method.frozen)
-    opt_state = jax.jit(method.optimizer.init)(trainable)
-    key = jax.random.key(1)
+    st, key = s.state, jax.random.key(1)
     out = {
-        "train": make_train_step(method, task, 1)
-        .lower(trainable, opt_state, mut, const, dev, key)
+        "train": s.train_step.lower(st.trainable, st.opt_state, st.buffers, s.frozen, dev, key)
         .compile()
         .as_text()
     }
-    if method.selection_steps:
-        sel = make_selection_fn(method, task, cfg)
+    n_sparse = 0
+    if s.method.phase(0) != "train":
+        sel = s.phase_step("select").jitted
         out["select"] = (
-            sel.lower(trainable, opt_state, mut, const, {}, dev, key, True).compile().as_text()
+            sel.lower(st.trainable, st.opt_state, st.buffers, s.frozen, {}, dev, key, 0, last=True)
+            .compile()
+            .as_text()
         )
-    n_sparse = sum(x.size for x in flatten_paths(method.frozen.get("idx", {})).values())
+        n_sparse = sum(sc.size for sc in s.method.plan.sparse_scopes.values())
     return out, n_sparse
 
 
@@ -239,7 +242,7 @@ def selection_tradeoff(mesh_specs, rates, batch_size: int = 32) -> str:
     ``|g|`` mass over the global set's; and the imbalance of the global top-``n`` over the blocks
     (most loaded block's share x S; 1 = even, S = all in one block).
     """
-    from sift_jax import count_for_rate
+    from sift_jax.selection import count_for_rate
     from train.glue import GlueConfig, build_task
 
     task, bundle = build_task(GlueConfig(task_name="mr", max_seq_length=128))

@@ -2,8 +2,9 @@
 
 Run: ``python -m bench.memory [--models bert-base roberta-large llama-7b] [--rate 0.01]``
 
-Nothing is allocated: each model is built with ``nnx.eval_shape`` and the trainer's own jitted
-step (``train.trainer.make_train_step``) is lowered and compiled for abstract inputs; XLA's
+Nothing is allocated: each model is built with ``nnx.eval_shape`` and the trainer's own setup
+(``train.core.fit.setup``: the method, its optimizer state and the jitted train step) is
+lowered and compiled for abstract inputs; XLA's
 ``memory_analysis()`` gives argument, output, alias and temporary bytes. Gradient and optimizer
 state bytes are the sizes of the trees ``jax.grad`` and ``optimizer.init`` produce. LoRA's rank
 is chosen so its trainable parameter count matches SIFT's. Ratios are against full FT of the same
@@ -24,8 +25,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.config import TrainConfig
-from train.methods import build_method, flatten_paths, make_schedule
+from sift_jax.paths import flatten_paths
+from train.core.config import TrainConfig
+from train.core.fit import setup
+from train.core.mesh import parse_mesh
+from train.core.task import Task
 from train.models.decoder import LlamaConfig, LlamaForCausalLM
 from train.models.encoder import (
     EncoderConfig,
@@ -33,7 +37,6 @@ from train.models.encoder import (
     classifier_apply_fn,
 )
 from train.models.functional import functional_apply
-from train.trainer import Task, make_train_step
 
 MODELS = {
     "bert-base": dict(
@@ -119,8 +122,9 @@ def make_task(spec, graphdef, batch, seq):
     return task, {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in shapes.items()}
 
 
-def measure(spec, params, graphdef, ftype, rate, lora_rank=8, sift_path="compact"):
-    cfg = TrainConfig(
+def method_config(spec, ftype, rate, lora_rank=8, **kw) -> TrainConfig:
+    """The trainer config of a benchmark row (paper recipe targets for the model family)."""
+    return TrainConfig(
         finetuning_type=ftype,
         sparse_rate=rate,
         sparse_module=[spec["sparse"]],
@@ -128,82 +132,70 @@ def measure(spec, params, graphdef, ftype, rate, lora_rank=8, sift_path="compact
         lora_targets=[spec["sparse"]],
         lora_exception=[spec["dense"]] if spec["dense"] else [],
         lora_rank=lora_rank,
-        sift_path=sift_path,
         max_grad_norm=1.0,
+        mesh="data=1",
+        per_device_train_batch_size=spec["batch"],
+        max_steps=100,
+        **kw,
     )
-    method = build_method(params, cfg, make_schedule(1e-4, 100, 0.06), jax.random.key(0))
-    abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-    trainable, frozen = abstract(method.trainable), abstract(method.frozen)
-    opt_state = jax.eval_shape(method.optimizer.init, trainable)
+
+
+def _setup(spec, params, graphdef, cfg):
     task, batch = make_task(spec, graphdef, spec["batch"], spec["seq"])
-    step = make_train_step(method, task, 1)
-    if method.post_update is not None:  # the compact path's donated merged-weight buffers
-        mut, const = {k: v for k, v in frozen.items() if k != "base"}, {"base": frozen["base"]}
-    else:
-        mut, const = {}, frozen
-    compiled = step.lower(trainable, opt_state, mut, const, batch, jax.random.key(0)).compile()
-    mem = compiled.memory_analysis()
-    grad_bytes = tree_bytes(trainable)  # what jax.grad returns (simple path: full tensors)
-    n_train = method.num_trainable(opt_state)  # SIFT simple: counts the (abstract) indices
-    opt_bytes = tree_bytes(opt_state)
-    total = (
+    mesh = parse_mesh("data=1", jax.devices()[:1])
+    return setup(cfg, task, params, mesh, train_size=spec["batch"]), batch
+
+
+def _total(mem) -> int:
+    return (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
     )
+
+
+def measure(spec, params, graphdef, ftype, rate, lora_rank=8):
+    """Compiled bytes of the trainer's own train step for one method (abstract inputs)."""
+    s, batch = _setup(spec, params, graphdef, method_config(spec, ftype, rate, lora_rank))
+    st = s.state
+    compiled = s.train_step.lower(
+        st.trainable, st.opt_state, st.buffers, s.frozen, batch, jax.random.key(0)
+    ).compile()
+    mem = compiled.memory_analysis()
     return dict(
-        trainable=n_train,
-        grad=grad_bytes,
-        opt=opt_bytes,
+        trainable=s.method.num_trainable,
+        grad=tree_bytes(st.trainable),  # what jax.grad returns
+        opt=tree_bytes(st.opt_state),
         temp=mem.temp_size_in_bytes,
-        total=total,
+        total=_total(mem),
         weights=tree_bytes(params),
     )
 
 
 def measure_selection(spec, params, graphdef, rate, in_backward: bool):
-    """Compiled bytes of the compact path's selection step: top-k inside the backward
-    (:func:`sift_jax.topk_probe`) vs the dense gradient of every targeted tensor."""
-    import train.methods as methods_lib
-    from train.trainer import make_accum_grads
-
-    cfg = TrainConfig(
-        finetuning_type="sift",
-        sparse_rate=rate,
-        sparse_module=[spec["sparse"]],
-        sparse_exception=[spec["dense"]] if spec["dense"] else [],
-    )
-    method = build_method(params, cfg, make_schedule(1e-4, 100, 0.06), jax.random.key(0))
-    abstract = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-    trainable, frozen = abstract(method.trainable), abstract(method.frozen)
-    opt_state = jax.eval_shape(method.optimizer.init, trainable)
-    task, batch = make_task(spec, graphdef, spec["batch"], spec["seq"])
-    mut, const = {k: v for k, v in frozen.items() if k != "base"}, {"base": frozen["base"]}
-    score = (
-        {}
-        if in_backward
-        else {
-            p: jax.ShapeDtypeStruct(x.shape, jnp.float32)
-            for p, x in flatten_paths(mut["w"]).items()
-        }
-    )
-    orig = methods_lib.selection_needs_score
-    methods_lib.selection_needs_score = lambda c: not in_backward
-    try:
-        step = methods_lib.make_selection_step(
-            method,
-            cfg,
-            lambda p, b, r: task.loss_fn(task.apply_fn(p, b, r, True), b),
-            make_accum_grads(1),
+    """Compiled bytes of the SIFT selection step: top-k inside the backward (the default) vs
+    an accumulated dense ``|g|`` score (``--selection_steps 2``'s last step)."""
+    kw = {} if in_backward else {"selection_steps": 2}
+    s, batch = _setup(spec, params, graphdef, method_config(spec, "sift", rate, **kw))
+    st = s.state
+    score = {} if in_backward else jax.eval_shape(s.method.plan.zero_score, st.buffers)
+    step = s.phase_step("select").jitted
+    mem = (
+        step.lower(
+            st.trainable,
+            st.opt_state,
+            st.buffers,
+            s.frozen,
+            score,
+            batch,
+            jax.random.key(0),
+            0,
+            last=True,
         )
-        mem = (
-            step.lower(trainable, opt_state, mut, const, score, batch, jax.random.key(0), True)
-            .compile()
-            .memory_analysis()
-        )
-    finally:
-        methods_lib.selection_needs_score = orig
+        .compile()
+        .memory_analysis()
+    )
     return mem.temp_size_in_bytes + mem.argument_size_in_bytes
 
 
@@ -235,7 +227,6 @@ def run_model(name, rate, llama_layers, remat):
         rows = {
             "full FT": measure(spec, params, graphdef, "full", rate),
             f"LoRA (r={r})": measure(spec, params, graphdef, "lora", rate, lora_rank=r),
-            "SIFT simple path": measure(spec, params, graphdef, "sift", rate, sift_path="simple"),
             "SIFT compact path": sift,
         }
         results[nl] = rows

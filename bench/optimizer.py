@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 import sift_jax
+from sift_jax import compact
 
 
 def make_tree(n_params: float, width: int = 2048):
@@ -60,32 +61,40 @@ def time_step(opt, params, grads, repeats: int, donate: bool = True, warm_update
 
 
 def time_compact_path(params, rate: float, repeats: int):
-    """The trainer's compact-path optimizer step: AdamW on the k-vectors of increments, then
-    ``write_increments`` into the donated merged weights (gradients arrive as k-vectors)."""
-    idx = sift_jax.select_indices(jax.tree.map(jnp.abs, params), rate)
-    sel = sift_jax.gather_at(params, idx)
-    delta = sift_jax.init_increments(params, idx)
-    g = jax.tree.map(lambda d: jnp.full(d.shape, 1e-3, jnp.float32), delta)
+    """The compact path's optimizer step as the trainer runs it (``Sift.train_step`` less the
+    backward): AdamW on the k-vectors of selected values, then :meth:`Sift.write` into the
+    donated merged weights (gradients arrive as k-vectors)."""
+    sift = compact.Sift.create(params, rate)
+    trainable, state, _ = sift.split(params)
+    key = jax.random.key(0)
+    grad = sift_jax.selection.get("grad")
+    idx = [  # the top-k of |w| per leaf: any fixed selection times the same
+        None if s is None else s.select(grad, jnp.abs(w), None, key)
+        for s, w in zip([leaf.scope for leaf in sift.leaves], jax.tree.leaves(params), strict=True)
+    ]
+    trainable, state = sift.with_indices(
+        jax.tree.unflatten(jax.tree.structure(params), idx), trainable, state
+    )
+    g = jax.tree.map(lambda t: jnp.full(t.shape, 1e-3, jnp.float32), trainable)
     opt = optax.adamw(1e-4, weight_decay=0.01)
-    state = opt.init(delta)
-    w = jax.tree.map(jnp.copy, params)
+    opt_state = opt.init(trainable)
 
-    def step(w, delta, state, g):
-        p = jax.tree.map(lambda s, d: s + d, sel, delta)
-        u, state = opt.update(g, state, p)
-        delta = optax.apply_updates(delta, u)
-        return sift_jax.write_increments(w, idx, sel, delta), delta, state
+    def step(trainable, opt_state, state, g):
+        u, opt_state = opt.update(g, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, u)
+        return trainable, opt_state, sift.write(trainable, state)
 
     jstep = jax.jit(step, donate_argnums=(0, 1, 2))
     for _ in range(2):
-        w, delta, state = jstep(w, delta, state, g)
+        trainable, opt_state, state = jstep(trainable, opt_state, state, g)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        w, delta, state = jstep(w, delta, state, g)
-        jax.block_until_ready(w)
+        trainable, opt_state, state = jstep(trainable, opt_state, state, g)
+        jax.block_until_ready(state)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), tree_bytes(state) + tree_bytes(idx) + tree_bytes(delta)
+    extra = tree_bytes(state.indices) + tree_bytes(trainable)
+    return statistics.median(times), tree_bytes(opt_state) + extra
 
 
 def main(argv=None):
@@ -115,8 +124,8 @@ def main(argv=None):
     )
     rows.append(
         (
-            "chain(sparse_increment, adamw) [masking]",
-            optax.chain(sift_jax.sparse_increment(args.rate), adamw()),
+            "sparse_increment(mode='masking')",
+            sift_jax.sparse_increment(args.rate, adamw(), mode="masking"),
             True,
         )
     )
@@ -136,7 +145,7 @@ def main(argv=None):
             flush=True,
         )
     t, b = time_compact_path(params, args.rate, args.repeats)
-    name = "trainer's compact path (k-vector grads)"
+    name = "compact API / trainer (k-vector grads)"
     results[name] = (t / base_t, b / base_b)
     print(
         f"{name:44s} {t * 1e3:9.2f} {t / base_t:9.3f}x {b / 2**20:10.2f} {b / base_b:10.4f}x",

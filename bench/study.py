@@ -34,10 +34,10 @@ import optax
 from flax import nnx
 
 import sift_jax
-from sift_jax._src.paths import path_to_str
-from sift_jax._src.selection import count_for_rate
-from train.data.batching import encode_task, train_batches
-from train.data.glue import load_task
+from sift_jax.paths import path_to_str
+from sift_jax.selection import count_for_rate
+from train.glue.batching import encode_task, train_batches
+from train.glue.data import load_task
 from train.models.encoder import EncoderForSequenceClassification, classifier_apply_fn
 from train.models.functional import split_params
 from train.models.pretrained import load_pretrained

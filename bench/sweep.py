@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sift_jax._src.selection import count_for_rate
+from sift_jax.selection import count_for_rate
 
 RESULTS = Path("docs/study/runs.jsonl")
 PLOT = Path("docs/budget_curve.png")
@@ -219,14 +219,26 @@ def _done() -> set[tuple[str, int]]:
     return {(r["label"], r["seed"]) for r in recs}
 
 
+def glue_config(run: Run, seed: int, **kw):
+    """The ``train.glue`` config of a run (the study's quirk emulations through
+    :mod:`bench.emulate`, a study-only method)."""
+    from train.glue import GlueConfig
+
+    flags = {**run.flags(seed), **kw}
+    if flags.get("sift_emulate"):
+        from bench.emulate import EmulateGlueConfig
+
+        return EmulateGlueConfig(**{**flags, "finetuning_type": "sift_emulated"})
+    return GlueConfig(**flags)
+
+
 def run_one(run: Run, seed: int) -> dict:
     """Trains one configuration with ``train.glue`` and returns its record."""
-    from train.glue import GlueConfig
     from train.glue import run as glue_run
 
     tmp = tempfile.mkdtemp(prefix="sift_sweep_")
     try:
-        cfg = GlueConfig(**run.flags(seed), output_dir=tmp, overwrite_output_dir=True)
+        cfg = glue_config(run, seed, output_dir=tmp, overwrite_output_dir=True)
         t0 = time.perf_counter()
         res = glue_run(cfg)
         wall = time.perf_counter() - t0
@@ -322,7 +334,7 @@ def _paired(summary: dict, label: str, ref: str) -> str:
 
 def majority_baseline() -> float:
     """Accuracy of always predicting the dev split's most frequent label."""
-    from train.data.glue import load_task
+    from train.glue.data import load_task
 
     labels = np.asarray(load_task("mr").eval["validation"]["label"])
     return float(np.bincount(labels).max() / labels.size)

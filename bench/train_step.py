@@ -1,8 +1,8 @@
-"""Training throughput (examples/s) of full FT, LoRA, SIFT simple and SIFT compact, one process.
+"""Training throughput (examples/s) of full FT, LoRA and SIFT, in one process.
 
 Run: ``python -m bench.train_step [--model minilm|bert-base] [--batch 32] [--seq 48]``
 
-Each method runs the trainer's own jitted step (``train.trainer.make_train_step``, donated
+Each method runs the trainer's own jitted step (``train.core.fit.setup``: the step builders, donated
 state) on the same fixed batch; the first steps (compilation, and for SIFT the selection step)
 are excluded. Ratios are against full fine-tuning measured here. ``minilm`` is the packaged
 pretrained MiniLM-L6 (weights do not change speed; ``--random_init`` builds the same shape
@@ -22,15 +22,16 @@ import optax
 from flax import nnx
 
 from bench.memory import MODELS, lora_rank_matching
-from train.config import TrainConfig
-from train.methods import build_method, flatten_paths, make_schedule
+from train.core.config import TrainConfig
+from train.core.fit import setup
+from train.core.mesh import parse_mesh, put_batch
+from train.core.task import Task
 from train.models.encoder import (
     EncoderConfig,
     EncoderForSequenceClassification,
     classifier_apply_fn,
 )
 from train.models.functional import split_params
-from train.trainer import Task, make_selection_fn, make_train_step, split_frozen
 
 SPARSE = r"attention/(query|key|value|output)/"
 MINILM = EncoderConfig(
@@ -53,8 +54,9 @@ def load(model: str, random_init: bool):
     return graphdef, params, f"{model}-shaped, random init"
 
 
-def run_method(graphdef, params, ftype, batch, steps, rate, sift_path="compact", rank=8):
-    cfg = TrainConfig(
+def bench_config(ftype, rate, batch, rank=8) -> TrainConfig:
+    """The trainer config of a row (attention q/k/v/o sparse or LoRA'd, classifier dense)."""
+    return TrainConfig(
         finetuning_type=ftype,
         sparse_rate=rate,
         sparse_module=[SPARSE],
@@ -62,43 +64,47 @@ def run_method(graphdef, params, ftype, batch, steps, rate, sift_path="compact",
         lora_targets=[SPARSE],
         lora_exception=["classifier"],
         lora_rank=rank,
-        sift_path=sift_path,
+        warmup_ratio=0.0,
+        max_steps=1000,
+        per_device_train_batch_size=batch,
+        mesh="data=1",
     )
-    method = build_method(params, cfg, make_schedule(1e-4, 1000, 0.0), jax.random.key(0))
 
+
+def run_method(graphdef, params, ftype, batch, steps, rate, rank=8):
+    """Median seconds of the trainer's own train step (:func:`train.core.fit.setup`), after
+    the method's warm-up (SIFT's selection step) and compilation."""
+    n = jax.tree.leaves(batch)[0].shape[0]
+    cfg = bench_config(ftype, rate, n, rank=rank)
     apply_fn = classifier_apply_fn(graphdef)
 
     def loss_fn(logits, b):
         return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
 
-    task = Task(apply_fn, loss_fn, 1, None)
-    trainable = jax.tree.map(jnp.copy, method.trainable)
-    mut, const = split_frozen(method, method.frozen)
-    opt_state = jax.jit(method.optimizer.init)(trainable)
-    if method.selection_steps:  # the compact path selects first (not timed)
-        sel = make_selection_fn(method, task, cfg)
-        score = {k: jnp.zeros(x.shape, jnp.float32) for k, x in flatten_paths(mut["w"]).items()}
-        trainable, opt_state, mut, _, _ = sel(
-            trainable, opt_state, mut, const, score, batch, jax.random.key(1), True
-        )
-    step = make_train_step(method, task, 1)
+    task = Task(apply_fn, loss_fn, n, None)
+    mesh = parse_mesh("data=1", jax.devices()[:1])
+    s = setup(cfg, task, params, mesh, train_size=n)
+    dev = put_batch({k: np.asarray(v) for k, v in batch.items()}, mesh)
+    state, t = s.state, 0
+    while s.method.phase(t) != "train":  # SIFT selects first (not timed)
+        state, _ = s.step(state, dev, jax.random.key(t), t)
+        t += 1
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        trainable, opt_state, mut, m = step(
-            trainable, opt_state, mut, const, batch, jax.random.key(i)
-        )
+        state, m = s.step(state, dev, jax.random.key(i), t + i)
         jax.block_until_ready(m["loss"])
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    count = None if (ftype, sift_path) == ("sift", "simple") else method.num_trainable(opt_state)
-    return statistics.median(times), count
+    return statistics.median(times), s.method.num_trainable
 
 
 def sift_count(params, rate: float) -> int:
-    """SIFT's trainable count (compact path: known when the method is built, nothing runs)."""
-    cfg = TrainConfig(sparse_rate=rate, sparse_module=[SPARSE], sparse_exception=["classifier"])
-    return build_method(params, cfg, make_schedule(1e-4, 1000, 0.0), None).num_trainable(None)
+    """SIFT's trainable count (known when the plan is made; nothing runs)."""
+    from sift_jax import compact
+
+    plan = compact.Sift.create(params, rate, sparse=SPARSE, dense="classifier")
+    return plan.num_trainable
 
 
 def main(argv=None):
@@ -130,7 +136,6 @@ def main(argv=None):
     for name, ftype, kw in [
         ("full FT", "full", {}),
         (f"LoRA (r={rank}, matched params)", "lora", {"rank": rank}),
-        ("SIFT simple path", "sift", {"sift_path": "simple"}),
         ("SIFT compact path", "sift", {}),
     ]:
         t, _ = run_method(graphdef, params, ftype, batch, args.steps, args.rate, **kw)

@@ -12,7 +12,7 @@ optimizer, keeping optimizer state O(k).
   (gradient quasi-sparsity), :mod:`sift_jax.paths` (leaf paths and roles).
 """
 
-from sift_jax import analysis, compact, paths, selection
+from sift_jax import analysis, compact, delta, paths, selection
 from sift_jax._src.compact import Sift, SiftState
 from sift_jax._src.delta import (
     SparseDelta,
@@ -42,6 +42,7 @@ __all__ = [
     "SparseIncrementState",
     "analysis",
     "compact",
+    "delta",
     "delta_nbytes",
     "delta_num_params",
     "extract_delta",

@@ -682,17 +682,22 @@ class Sift:
         """The :func:`sift_jax.extract_delta` of the fine-tuned params against ``base``: the
         selected (or, after re-selections, every touched) positions of sparse leaves and the
         dense leaves whole; merges back bit for bit."""
-        idx = self.touched(state, touched)
+        return self.extract(
+            self.merged(trainable, state, frozen), base, self.touched(state, touched)
+        )
+
+    def extract(self, merged: Any, base: Any, indices: Mapping[str, np.ndarray]) -> delta_lib.Delta:
+        """:func:`sift_jax.extract_delta` of ``merged`` (the fine-tuned params, device or
+        host arrays) against ``base`` at ``indices`` (``{path: global flat indices}`` of the
+        sparse leaves, e.g. :meth:`touched`), dense leaves stored whole."""
         tree = self._tree(
             [
-                jnp.asarray(idx[leaf.path]) if leaf.role == masks.SPARSE else None
+                np.asarray(indices[leaf.path]) if leaf.role == masks.SPARSE else None
                 for leaf in self.leaves
             ]
         )
         dense = lambda path, x: self.roles.get(path) == masks.DENSE
-        return delta_lib.extract_delta(
-            self.merged(trainable, state, frozen), base, tree, dense=dense
-        )
+        return delta_lib.extract_delta(merged, base, tree, dense=dense)
 
 
 def joint_topk(scores: Mapping[str, np.ndarray], total: int) -> dict[str, np.ndarray]:

@@ -127,6 +127,24 @@ class PerShard(indexing.Scope):
 
     layout: ShardLayout | None = None
 
+    @classmethod
+    def for_array(cls, x: jax.Array, k: int) -> PerShard:
+        """The scope of a placed array that gets ``k`` (global) entries: ``ceil(k / S)`` per
+        block of its ``NamedSharding``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> PerShard.for_array(jnp.zeros((4, 4)), 5).size  # one device: one block
+            5
+        """
+        lay = layout_for(x, k)
+        return cls(tuple(x.shape), lay.k_local, lay)
+
+    @property
+    def num_shards(self) -> int:
+        """``S``, the number of blocks."""
+        return self.layout.num_shards
+
     @property
     def size(self) -> int:
         return self.layout.size
@@ -177,9 +195,10 @@ class PerShard(indexing.Scope):
     def probe_grad(self, g, width):
         lay = self.layout
         out_spec = PartitionSpec(None, lay.axes) if lay.axes else PartitionSpec()
+        per_block = width // lay.num_shards  # the probe holds every block's entries
 
         def local(gb):
-            idx = selection_lib.topk_indices(selection_lib.finite_abs(gb), width)
+            idx = selection_lib.topk_indices(selection_lib.finite_abs(gb), per_block)
             return indexing.encode_probe(idx, indexing._gather_flat(gb, idx))
 
         return _smap(lay, local, (lay.spec,), out_spec)(g)
@@ -212,8 +231,7 @@ class PerShard(indexing.Scope):
 
 def scope_for(x: jax.Array, k: int) -> PerShard:
     """The :class:`PerShard` scope of a placed array that gets ``k`` (global) increments."""
-    lay = layout_for(x, k)
-    return PerShard(tuple(x.shape), lay.k_local, lay)
+    return PerShard.for_array(x, k)
 
 
 def _block_of(gidx: np.ndarray, layout: ShardLayout) -> np.ndarray:

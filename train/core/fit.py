@@ -1,123 +1,117 @@
-"""The training loop shared by ``train.glue`` and ``train.instruct``.
+"""The fit loop shared by every job (``train.glue``, ``train.instruct``).
 
-A :class:`Task` says how to batch data, run the model and score it; :func:`train` does the
-rest: method setup (full / SIFT / LoRA), a jitted train step with donated state and in-step
-gradient accumulation, sharding over a device mesh, evaluation, JSONL logging, a progress bar,
-orbax checkpoints with exact resume, and the final results files.
+:func:`fit` reads top to bottom: set up (placement, method, optimizer state, resume), then one
+step per iteration (the method says which kind: a SIFT selection step or the shared train
+step), with logging, evaluation and checkpoints as hooks, then the epilogue every job shares
+(final evaluation, final checkpoint, results files, the method's outputs such as the SIFT
+delta and the merged model export, written by process 0 only, and the completion marker).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
-from train.methods import (
-    Method,
-    build_method,
-    flatten_paths,
-    make_schedule,
-    make_selection_step,
-    reset_increments,
-    selection_needs_score,
-    unflatten_paths,
+from train.core import logs, methods, outputs
+from train.core import mesh as mesh_lib
+from train.core.checkpoint import Checkpointer, CheckpointError
+from train.core.methods.base import PHASE_TRAIN, Method, TrainState
+from train.core.optim import make_schedule
+from train.core.steps import (
+    evaluate,
+    make_accum_grads,
+    make_eval_fn,
+    make_train_step,
+    run_train_step,
+)
+from train.core.task import Task
+
+log = logging.getLogger("train")
+
+#: flags a resumed run may change; every other one must equal the checkpoint's
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "disable_tqdm",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "eval_steps",
+        "eval_strategy",
+        "export_model",
+        "mesh",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "per_device_eval_batch_size",
+        "max_nonfinite_steps",
+        "mmlu_dir",
+        "mmlu_before",
+        "save_delta",
+    }
 )
 
-Batch = dict[str, np.ndarray]
 
-
-@dataclass
-class Task:
-    """What the trainer needs to know about a task.
-
-    Attributes:
-        apply_fn: ``(params, batch, rng, train) -> outputs`` (jit-traceable).
-        loss_fn: ``(outputs, batch) -> scalar`` mean loss of the batch.
-        train_size: number of training examples.
-        train_batches: ``(epoch, start, batch_size) -> iterator of global batches``: the
-            epoch's batches in a fixed, seeded order, starting at batch number ``start``.
-        eval_sets: ``{name: (batch_size) -> iterator of batches}``; eval batches carry an
-            ``example_mask`` (0 for padding rows).
-        metrics_fn: ``(name, outputs, batches) -> dict`` from the host-side outputs.
-        eval_outputs: ``(outputs, batch) -> array`` what evaluation keeps per example.
-        export_fn: ``(params, out_dir) -> None`` writes the merged model, or ``None``.
-    """
-
-    apply_fn: Callable
-    loss_fn: Callable
-    train_size: int
-    train_batches: Callable[[int, int, int], Iterator[Batch]]
-    eval_sets: dict[str, Callable[[int], Iterator[Batch]]] = field(default_factory=dict)
-    metrics_fn: Callable[[str, np.ndarray, list[Batch]], dict] | None = None
-    eval_outputs: Callable | None = None
-    export_fn: Callable | None = None
+class NonFiniteError(ValueError):
+    """Too many consecutive steps had a NaN/inf loss or gradient."""
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns (also written to ``all_results.json``)."""
+    """What :func:`fit` returns (the metrics are also in ``all_results.json``).
+
+    Attributes:
+        metrics: final evaluation + training statistics.
+        losses: the training loss of every step run in this process (not the resumed ones).
+        params: the fine-tuned params (merged, plain arrays).
+        method: the :class:`~train.core.methods.base.Method`.
+        state: the final :class:`~train.core.methods.base.TrainState`.
+        outputs: files written into ``--output_dir``.
+    """
 
     metrics: dict[str, Any]
     losses: list[float]
     params: Any
     method: Method
-    opt_state: Any
-    frozen: Any = None
+    state: TrainState
+    outputs: list[str] = dataclasses.field(default_factory=list)
 
 
-def print_trainable(num_trainable: int, num_all: int) -> str:
-    """The reference implementation's line.
+@dataclass
+class StepPlan:
+    """How many examples and steps: ``per_step`` examples per micro-step on the mesh,
+    ``global_batch`` per optimizer step, ``total`` optimizer steps."""
 
-    Example:
-        >>> print_trainable(5, 100)
-        trainable params: 5 || all params: 100 || trainable%: 5.0000
-        'trainable params: 5 || all params: 100 || trainable%: 5.0000'
-    """
-    line = (
-        f"trainable params: {num_trainable} || all params: {num_all} || "
-        f"trainable%: {100 * num_trainable / num_all:.4f}"
-    )
-    print(line)
-    return line
+    per_step: int
+    accum: int
+    global_batch: int
+    steps_per_epoch: int
+    total: int
 
 
-def _check_output_dir(cfg) -> Path:
-    out = Path(cfg.output_dir)
-    if (
-        out.exists()
-        and any(out.iterdir())
-        and not cfg.overwrite_output_dir
-        and not (cfg.resume_from_checkpoint)
-    ):
+def plan_steps(cfg, train_size: int, mesh) -> StepPlan:
+    """``StepPlan`` for the config (the last partial batch of an epoch is dropped)."""
+    per_step = cfg.per_device_train_batch_size * mesh_lib.batch_divisor(mesh)
+    accum = cfg.gradient_accumulation_steps
+    global_batch = per_step * accum
+    if jax.process_count() > 1 and per_step % jax.process_count():
         raise ValueError(
-            f"--output_dir {out} exists and is not empty; pass --overwrite_output_dir to write "
-            "into it or --resume_from_checkpoint latest to continue the run saved there."
+            f"The per-step batch ({per_step}) is not divisible by the {jax.process_count()} "
+            "processes; change --per_device_train_batch_size or --mesh."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
-
-
-def plan_steps(cfg, train_size: int, global_batch: int) -> tuple[int, int]:
-    """``(steps_per_epoch, total_steps)`` in optimizer steps (last partial batch dropped)."""
     steps_per_epoch = train_size // global_batch
     if steps_per_epoch < 1:
         raise ValueError(
@@ -125,412 +119,518 @@ def plan_steps(cfg, train_size: int, global_batch: int) -> tuple[int, int]:
             f"{global_batch} (per-device batch x devices x accumulation); lower the batch size."
         )
     if cfg.max_steps and cfg.max_steps > 0:
-        return steps_per_epoch, int(cfg.max_steps)
-    return steps_per_epoch, int(math.ceil(cfg.num_train_epochs * steps_per_epoch))
+        total = int(cfg.max_steps)
+    else:
+        total = int(math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    return StepPlan(per_step, accum, global_batch, steps_per_epoch, total)
 
 
-def make_accum_grads(accum: int):
-    """``(loss_of, args, batch, rng) -> (loss, grads)`` averaged over ``accum`` micro-batches.
+def trainable_line(num_trainable: int, num_all: int) -> str:
+    """The reference implementation's line.
 
-    ``loss_of(args, micro_batch, rng)``; with ``accum > 1`` the batch leaves carry a leading
-    ``[accum]`` dim and a ``lax.scan`` sums the gradients (one gradient tree live at a time).
+    Example:
+        >>> trainable_line(5, 100)
+        'trainable params: 5 || all params: 100 || trainable%: 5.0000'
     """
-
-    def accum_grads(loss_of, args, batch, rng):
-        grad_fn = jax.value_and_grad(loss_of)
-        if accum == 1:
-            return grad_fn(args, batch, rng)
-        rngs = jax.random.split(rng, accum)
-
-        def micro(carry, xs):
-            mb, r = xs
-            loss_i, g = grad_fn(args, mb, r)
-            return (jax.tree.map(jnp.add, carry[0], g), carry[1] + loss_i), None
-
-        zeros = jax.tree.map(jnp.zeros_like, args)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, 0.0), (batch, rngs))
-        return loss / accum, jax.tree.map(lambda g: g / accum, grads)
-
-    return accum_grads
-
-
-def make_train_step(method: Method, task: Task, accum: int):
-    """The jitted optimizer step: grads over ``accum`` micro-batches, then one update."""
-    opt = method.optimizer
-    accum_grads = make_accum_grads(accum)
-
-    def step(trainable, opt_state, mut, const, batch, rng):
-        frozen = {**const, **mut} if mut else const
-
-        def loss_of(t, b, r):
-            params = method.combine(t, frozen)
-            return task.loss_fn(task.apply_fn(params, b, r, True), b)
-
-        loss, grads = accum_grads(loss_of, trainable, batch, rng)
-        opt_params = method.opt_params(trainable, frozen) if method.opt_params else trainable
-        updates, opt_state = opt.update(grads, opt_state, opt_params)
-        trainable = optax.apply_updates(trainable, updates)
-        if method.post_update is not None:
-            frozen = method.post_update(trainable, frozen)
-            mut = {k: v for k, v in frozen.items() if k in mut}
-        return trainable, opt_state, mut, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def split_frozen(method: Method, frozen: Any) -> tuple[dict, Any]:
-    """``(mut, const)``: the frozen-side buffers a step updates in place (donated; copied here
-    so the caller's arrays survive) and the ones it only reads."""
-    if method.post_update is None:
-        return {}, frozen
-    mut = {k: jax.tree.map(jnp.copy, v) for k, v in frozen.items() if k != "base"}
-    return mut, {"base": frozen["base"]}
-
-
-def make_selection_fn(method: Method, task: Task, cfg):
-    """The compact SIFT path's selection step (see :func:`train.methods.make_selection_step`)."""
-
-    def loss_of_params(params, b, r):
-        return task.loss_fn(task.apply_fn(params, b, r, True), b)
-
-    return make_selection_step(
-        method, cfg, loss_of_params, make_accum_grads(cfg.gradient_accumulation_steps)
+    return (
+        f"trainable params: {num_trainable} || all params: {num_all} || "
+        f"trainable%: {100 * num_trainable / num_all:.4f}"
     )
 
 
-def evaluate(method: Method, task: Task, trainable, frozen, cfg, mesh, eval_fn=None):
-    """Runs every eval set and returns HF-style ``eval_*`` metrics."""
-    eval_fn = eval_fn or make_eval_fn(method, task)
-    bs = cfg.per_device_eval_batch_size * mesh_lib.batch_divisor(mesh)
-    metrics: dict[str, float] = {}
-    for name, batches_fn in task.eval_sets.items():
-        outs, kept = [], []
-        for batch in batches_fn(bs):
-            dev = mesh_lib.put_batch(batch, mesh)
-            out = eval_fn(trainable, frozen, dev)
-            out = np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))
-            mask = batch["example_mask"].astype(bool)
-            outs.append(out[mask])
-            kept.append({k: v[mask] for k, v in batch.items()})
-        metrics.update(task.metrics_fn(name, np.concatenate(outs), kept))
-    return metrics
+# ----------------------------------------------------------------------------- hooks
 
 
-def make_eval_fn(method: Method, task: Task):
-    """The jitted forward used by :func:`evaluate` (build once, reuse every evaluation)."""
+class Loop:
+    """The loop's shared state, read by the hooks."""
 
-    def run(trainable, frozen, batch):
-        params = method.combine(trainable, frozen)
-        out = task.apply_fn(params, batch, jax.random.key(0), False)
-        return task.eval_outputs(out, batch) if task.eval_outputs else out
+    def __init__(self, cfg, task, method, plan, mesh, frozen, out_dir, ckpt, start_step):
+        self.cfg, self.task, self.method, self.plan, self.mesh = cfg, task, method, plan, mesh
+        self.frozen, self.out_dir, self.ckpt = frozen, out_dir, ckpt
+        self.step = start_step
+        self.state: TrainState | None = None
+        self.rng = None
+        self.metrics: dict[str, Any] = {}
+        self.eval_fn = make_eval_fn(method, task)
+        self.primary = jax.process_index() == 0
 
-    return jax.jit(run)
+    @property
+    def epoch(self) -> float:
+        return self.step / self.plan.steps_per_epoch
+
+    def evaluate(self) -> dict:
+        bs = self.cfg.per_device_eval_batch_size * mesh_lib.batch_divisor(self.mesh)
+        m = evaluate(self.method, self.task, self.state, self.frozen, bs, self.mesh, self.eval_fn)
+        m["epoch"] = self.epoch
+        self.metrics = m
+        return m
+
+    def save(self, totals: dict) -> None:
+        meta = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "config": _jsonable(asdict(self.cfg)),
+            "method": self.method.checkpoint_meta(self.state),
+            **totals,
+        }
+        arrays = self.method.checkpoint_arrays(self.state)
+        self.ckpt.save(self.step, self.state, self.rng, meta, arrays)
 
 
-def train(cfg, task: Task, params: Any, mesh=None, place_params: Callable | None = None):
-    """Fine-tunes ``params`` on ``task`` as configured by ``cfg``.
+class LogHook:
+    """JSONL log lines every ``--logging_steps`` (and the last step), the progress bar, the
+    running loss; fetches metrics from the device only on those steps, so the loop does not
+    wait on every step."""
+
+    def __init__(self, loop: Loop, log_path: Path, start_step: int, totals: dict, schedule):
+        self.loop, self.schedule = loop, schedule
+        self.file = open(log_path, "a") if loop.primary else None
+        self.bar = tqdm(
+            total=loop.plan.total,
+            initial=start_step,
+            disable=loop.cfg.disable_tqdm or not loop.primary,
+            dynamic_ncols=True,
+        )
+        self.pending: list[tuple[int, dict]] = []
+        self.losses: list[float] = []
+        self.loss_sum = float(totals.get("loss_sum", 0.0))
+        self.loss_count = int(totals.get("loss_count", 0))
+        self.skipped = int(totals.get("skipped", 0))
+        self.t_last = time.perf_counter()
+
+    def on_step(self, step: int, m: dict) -> None:
+        self.pending.append((step, m))
+        self.bar.update(1)
+        loop = self.loop
+        if step % loop.cfg.logging_steps == 0 or step == loop.plan.total:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fetched = mesh_lib.to_host(self.pending)
+        self.pending = []
+        now = time.perf_counter()
+        per_step = (now - self.t_last) / len(fetched)
+        self.t_last = now
+        for _, m in fetched:
+            loss = float(m["loss"])
+            self.losses.append(loss)
+            if math.isfinite(loss):
+                self.loss_sum += loss
+                self.loss_count += 1
+        step, m = fetched[-1]
+        consecutive = int(m.get("nonfinite", 0))
+        total_skipped = sum(1 for _, x in fetched if not math.isfinite(float(x["loss"])))
+        self.skipped += total_skipped
+        if total_skipped:
+            log.warning(
+                "%d step(s) up to step %d had a non-finite loss or gradient and were skipped "
+                "(no update).",
+                total_skipped,
+                step,
+            )
+        lr = float(self.schedule(step - 1))
+        rec = {
+            "step": step,
+            "epoch": step / self.loop.plan.steps_per_epoch,
+            "loss": float(m["loss"]),
+            "learning_rate": lr,
+            "grad_norm": float(m["grad_norm"]),
+        }
+        if self.skipped:
+            rec["skipped_nonfinite"] = self.skipped
+        self.write(rec)
+        self.bar.set_postfix(
+            loss=f"{rec['loss']:.4f}",
+            lr=f"{lr:.2e}",
+            ex_s=f"{self.loop.plan.global_batch / per_step:.1f}",
+        )
+        if consecutive >= self.loop.cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{consecutive} consecutive steps up to step {step} had a NaN/inf loss or "
+                "gradient (each skipped); stopping without writing outputs. Lower "
+                "--learning_rate, check the data, or resume from an earlier checkpoint."
+            )
+
+    def write(self, rec: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def totals(self) -> dict:
+        return {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "skipped": self.skipped}
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+
+class EvalHook:
+    """Evaluates every epoch (``--eval_strategy epoch``) or every ``--eval_steps``."""
+
+    def __init__(self, loop: Loop, logger: LogHook):
+        self.loop, self.logger = loop, logger
+
+    def due(self, step: int) -> bool:
+        cfg, loop = self.loop.cfg, self.loop
+        if not loop.task.eval_sets:
+            return False
+        return (cfg.eval_strategy == "epoch" and step % loop.plan.steps_per_epoch == 0) or (
+            cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0
+        )
+
+    def on_step(self, step: int, m: dict) -> None:
+        if not self.due(step):
+            return
+        self.logger.flush()
+        metrics = self.loop.evaluate()
+        self.logger.write({"step": step, **metrics})
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        if self.loop.primary:
+            tqdm.write(f"step {step}: {shown}")
+
+
+class CheckpointHook:
+    """Saves every ``--save_steps`` (the final checkpoint is the epilogue's)."""
+
+    def __init__(self, loop: Loop, logger: LogHook):
+        self.loop, self.logger = loop, logger
+
+    def on_step(self, step: int, m: dict) -> None:
+        cfg = self.loop.cfg
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < self.loop.plan.total:
+            self.logger.flush()
+            self.loop.save(self.logger.totals())
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Everything a run builds before its first step (what :func:`fit` runs; benchmarks call
+    :func:`setup` too, so they time and compile the trainer's own steps).
+
+    Attributes:
+        method: the :class:`~train.core.methods.base.Method` (its optimizer guarded).
+        state: the initial :class:`~train.core.methods.base.TrainState`.
+        frozen: what the steps read but never differentiate.
+        base: the pretrained params as placed on the mesh.
+        plan: batch sizes and step counts.
+        schedule: the learning-rate schedule.
+        train_step: the jitted shared train step.
+        grad_fn: gradient accumulation over micro-batches.
+    """
+
+    method: Method
+    state: TrainState
+    frozen: Any
+    base: Any
+    plan: StepPlan
+    schedule: Callable
+    train_step: Callable
+    grad_fn: Callable
+    task: Task
+    phase_steps: dict = dataclasses.field(default_factory=dict)
+
+    def phase_step(self, phase: str) -> Callable:
+        """The (cached) step of a method phase such as SIFT's ``select``."""
+        if phase not in self.phase_steps:
+            self.phase_steps[phase] = self.method.phase_step(
+                phase, self.task.loss_of_params, self.grad_fn, self.plan.accum
+            )
+        return self.phase_steps[phase]
+
+    def step(self, state: TrainState, batch, rng, step: int) -> tuple[TrainState, dict]:
+        """One optimizer step of the kind the method says ``step`` is."""
+        phase = self.method.phase(step)
+        if phase == PHASE_TRAIN:
+            return run_train_step(self.train_step, state, self.frozen, batch, rng)
+        return self.phase_step(phase)(state, self.frozen, batch, rng, step)
+
+    @property
+    def num_all(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.base))
+
+
+def setup(cfg, task: Task, params: Any, mesh, model: Any = None, *, train_size=None) -> Setup:
+    """Places ``params`` (through ``model``'s logical axes; without one, arrays keep their
+    placement and single-device ones are replicated), builds the method,
+    its optimizer state and the steps. ``params`` may be ``ShapeDtypeStruct``s (benchmarks
+    that only compile): then the state is abstract too."""
+    plan = plan_steps(cfg, train_size or task.train_size, mesh)
+    schedule = make_schedule(cfg.learning_rate, plan.total, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    if abstract:
+        base = params
+    else:
+        # without a model bundle: already placed arrays keep their sharding, the rest is
+        # replicated over the mesh
+        base = model.place(params, mesh) if model is not None else mesh_lib.onto_mesh(params, mesh)
+    root = jax.random.key(cfg.seed)
+    method = methods.build(base, cfg, schedule, jax.random.fold_in(root, 1))
+    init = jax.eval_shape if abstract else lambda f, x: jax.jit(f)(x)
+    state = TrainState(
+        method.trainable, init(method.optimizer.init, method.trainable), method.buffers
+    )
+    grad_fn = make_accum_grads(plan.accum)
+    train_step = make_train_step(method, task, plan.accum)
+    return Setup(method, state, method.frozen, base, plan, schedule, train_step, grad_fn, task)
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit(
+    cfg,
+    task: Task,
+    params: Any,
+    *,
+    model: Any = None,
+    mesh=None,
+    out: outputs.OutputDir | None = None,
+    metadata: dict | None = None,
+) -> TrainResult:
+    """Fine-tunes ``params`` on ``task`` as ``cfg`` says, and writes the run's outputs.
 
     Args:
-        cfg: a :class:`train.config.TrainConfig`.
-        task: the :class:`Task`.
-        params: the pretrained model's params as a nested dict of arrays.
-        mesh: a ``jax.sharding.Mesh`` (default: from ``cfg.mesh``).
-        place_params: ``(params, mesh) -> params`` puts params on devices with their
-            shardings (default: replicate).
+        cfg: a :class:`train.core.config.TrainConfig` (or a job config composing it).
+        task: the :class:`~train.core.task.Task`.
+        params: the pretrained params (nested dict of arrays).
+        model: the :class:`train.models.pretrained.Pretrained` bundle: places the params on
+            the mesh by its logical axes and exports the merged model (default: replicate,
+            no export).
+        mesh: the device mesh (default: from ``cfg.mesh``).
+        out: the locked :class:`train.core.outputs.OutputDir` (default: lock ``cfg.output_dir``
+            here).
+        metadata: recorded with the method's outputs (e.g. the SIFT delta's header).
 
     Returns:
         A :class:`TrainResult`.
     """
-    import jax.experimental.multihost_utils  # noqa: F401  (eval gathering)
-
+    logs.setup(primary=jax.process_index() == 0)
+    if out is None:
+        with open_output_dir(cfg) as out:
+            return fit(cfg, task, params, model=model, mesh=mesh, out=out, metadata=metadata)
     mesh = mesh if mesh is not None else mesh_lib.parse_mesh(cfg.mesh)
-    out_dir = _check_output_dir(cfg)
-    divisor = mesh_lib.batch_divisor(mesh)
-    per_step = cfg.per_device_train_batch_size * divisor
-    global_batch = per_step * cfg.gradient_accumulation_steps
-    steps_per_epoch, total_steps = plan_steps(cfg, task.train_size, global_batch)
-    schedule = make_schedule(
-        cfg.learning_rate, total_steps, cfg.warmup_ratio, cfg.lr_scheduler_type
-    )
-
-    if place_params is None:
-        params = jax.device_put(params, mesh_lib.replicated(mesh))
-    else:
-        params = place_params(params, mesh)
+    out_dir = out.path
+    s = setup(cfg, task, params, mesh, model)
+    method, plan, frozen, base = s.method, s.plan, s.frozen, s.base
+    state, schedule = s.state, s.schedule
     root = jax.random.key(cfg.seed)
-    method = build_method(params, cfg, schedule, jax.random.fold_in(root, 1))
-    # Copy what trains: the step donates it, and the caller's arrays must survive.
-    trainable = jax.tree.map(jnp.copy, method.trainable)
-    mut, const = split_frozen(method, method.frozen)
-    opt_state = jax.jit(method.optimizer.init)(trainable)
-    num_all = sum(x.size for x in jax.tree.leaves(params))
-    del params
-
+    num_all = s.num_all
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.save_total_limit)
-    start_step, rng, extra = 0, jax.random.fold_in(root, 2), None
+    loop = Loop(cfg, task, method, plan, mesh, frozen, out_dir, ckpt, 0)
+    loop.rng = jax.random.fold_in(root, 2)
+
+    # ---- resume
+    totals: dict = {}
     log_path = out_dir / "train_log.jsonl"
     if cfg.resume_from_checkpoint:
-        step = (
-            ckpt.latest_step()
-            if cfg.resume_from_checkpoint == "latest"
-            else int(Path(cfg.resume_from_checkpoint).name)
-        )
-        if step is None:
-            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {ckpt.directory}.")
-        trainable, opt_state, rng, meta, extra = ckpt.restore(
-            step, method, trainable, opt_state, rng, extra_template=_extra(method, mut, None, cfg)
-        )
-        # What was created uncommitted (on one device) comes back committed to that device.
-        trainable, opt_state, rng, extra = _onto_mesh((trainable, opt_state, rng, extra), mesh)
-        if extra and "idx" in extra:  # saved as global flat indices
-            extra = {**extra, "idx": method.compact_ops.idx_from_global(extra["idx"])}
-        if extra and "w" in extra:  # re-selection: the merged weights were checkpointed
-            mut = {k: extra[k] for k in ("w", "idx", "sel")}
-        elif extra and "idx" in extra:
-            frozen = method.reselect({**const, **mut}, extra["idx"])
-            frozen = method.post_update(trainable, frozen)
-            mut = {k: v for k, v in frozen.items() if k != "base"}
-        start_step = int(meta["step"])
-        print(f"Resumed from checkpoint step {start_step} (epoch {meta['epoch']}).")
-        _truncate_log(log_path, start_step)
-    elif log_path.exists():
+        state, loop.rng, totals = _resume(cfg, ckpt, method, state, loop.rng, mesh)
+        loop.step = int(totals.pop("step"))
+        log.info("Resumed from checkpoint step %d (epoch %.3f).", loop.step, loop.epoch)
+        _truncate_log(log_path, loop.step)
+    elif log_path.exists() and loop.primary:
         log_path.unlink()
+    if loop.primary:
+        outputs.mark_running(out_dir, step=loop.step, total_steps=plan.total)
+    loop.state = state
 
-    step_fn = make_train_step(method, task, cfg.gradient_accumulation_steps)
-    eval_fn = make_eval_fn(method, task)
-    sel_fn, score = None, None
-    if method.selection_steps and start_step < method.selection_steps:
-        sel_fn = make_selection_fn(method, task, cfg)
-        score = flatten_paths(extra["score"]) if extra and "score" in extra else None
-        if score is None:
-            score = (
-                _zero_score(mut)
-                if selection_needs_score(cfg)
-                else {}  # top-k taken inside the backward: no O(n) accumulator
-            )
-    reselect_every = getattr(cfg, "reselect_every", 0)
-    resel_fn = reset_fn = None
-    if reselect_every:
-        resel_fn = sel_fn or make_selection_fn(method, task, cfg)
-        reset_fn = jax.jit(reset_increments, donate_argnums=(0, 1))
-    accum = cfg.gradient_accumulation_steps
-    print(
-        f"Fine-tuning ({method.name}) for {total_steps} steps: {task.train_size} examples, "
-        f"{steps_per_epoch} steps/epoch, batch {global_batch} = {cfg.per_device_train_batch_size}"
-        f" x {divisor} devices x {accum} accumulation; mesh {dict(mesh.shape)}."
+    # ---- hooks
+    logger = LogHook(loop, log_path, loop.step, totals, schedule)
+    hooks = [logger, EvalHook(loop, logger), CheckpointHook(loop, logger)]
+    log.info(
+        "Fine-tuning (%s) for %d steps: %d examples, %d steps/epoch, batch %d = %d x %d devices "
+        "x %d accumulation; mesh %s.",
+        method.name,
+        plan.total,
+        task.train_size,
+        plan.steps_per_epoch,
+        plan.global_batch,
+        cfg.per_device_train_batch_size,
+        mesh_lib.batch_divisor(mesh),
+        plan.accum,
+        dict(mesh.shape),
     )
-    losses: list[float] = []
-    metrics: dict[str, Any] = {}
+    log.info(trainable_line(method.num_trainable, num_all))
 
-    def save():  # reads the loop's current state
-        meta = {"step": step, "epoch": step / steps_per_epoch}
-        extra = _extra(method, mut, score, cfg)
-        ckpt.save(step, method, trainable, opt_state, rng, meta, extra=extra)
-
+    # ---- the loop: one step per iteration
     t_start = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, disable=cfg.disable_tqdm, dynamic_ncols=True)
-    printed_trainable = False
-    step = start_step
-    with open(log_path, "a") as log:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            for batch in task.train_batches(epoch, offset, global_batch):
-                if accum > 1:
-                    batch = {k: v.reshape(accum, per_step, *v.shape[1:]) for k, v in batch.items()}
-                dev = mesh_lib.put_batch(batch, mesh, leading=1 if accum > 1 else 0)
-                t0 = time.perf_counter()
-                if sel_fn is not None and step < method.selection_steps:
-                    last = step == method.selection_steps - 1
-                    trainable, opt_state, mut, score, m = sel_fn(
-                        trainable,
-                        opt_state,
-                        mut,
-                        const,
-                        score,
-                        dev,
-                        jax.random.fold_in(rng, step),
-                        last,
-                    )
-                    if last:
-                        sel_fn = score = None  # the O(n) selection score is no longer needed
-                elif reselect_every and _reselects_at(step, method.selection_steps, reselect_every):
-                    # The increments are already folded into the weights ("w"): select anew
-                    # on this batch, with fresh increments and moments.
-                    trainable, opt_state = reset_fn(trainable, opt_state)
-                    score0 = _zero_score(mut) if selection_needs_score(cfg) else {}
-                    trainable, opt_state, mut, _, m = resel_fn(
-                        trainable,
-                        opt_state,
-                        mut,
-                        const,
-                        score0,
-                        dev,
-                        jax.random.fold_in(rng, step),
-                        True,
-                    )
-                else:
-                    trainable, opt_state, mut, m = step_fn(
-                        trainable, opt_state, mut, const, dev, jax.random.fold_in(rng, step)
-                    )
-                step += 1
-                loss = float(m["loss"])
-                losses.append(loss)
-                if not printed_trainable:
-                    print_trainable(method.num_trainable(opt_state), num_all)
-                    printed_trainable = True
-                lr = float(schedule(step - 1))
-                dt = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{global_batch / dt:.1f}")
-                bar.update(1)
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    rec = {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "loss": loss,
-                        "learning_rate": lr,
-                        "grad_norm": float(m["grad_norm"]),
-                    }
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                end_of_epoch = step % steps_per_epoch == 0
-                do_eval = task.eval_sets and (
-                    (cfg.eval_strategy == "epoch" and end_of_epoch)
-                    or (cfg.eval_strategy == "steps" and step % cfg.eval_steps == 0)
-                )
-                if do_eval:
-                    metrics = evaluate(
-                        method, task, trainable, _frozen(mut, const), cfg, mesh, eval_fn
-                    )
-                    metrics["epoch"] = step / steps_per_epoch
-                    rec = {"step": step, **metrics}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    tqdm.write(
-                        f"step {step}: "
-                        + ", ".join(
-                            f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)
-                        )
-                    )
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    save()
-                if step >= total_steps or end_of_epoch:
-                    break
-    bar.close()
+    start_step = loop.step
+    try:
+        for batch in _batches(task, plan, loop.step):
+            step, rng = loop.step, jax.random.fold_in(loop.rng, loop.step)
+            dev = mesh_lib.put_batch(batch, mesh, leading=1 if plan.accum > 1 else 0)
+            loop.state, m = s.step(loop.state, dev, rng, step)
+            loop.step += 1
+            for hook in hooks:
+                hook.on_step(loop.step, m)
+        logger.flush()
+    finally:
+        logger.close()
     runtime = time.perf_counter() - t_start
-    if (
-        cfg.eval_strategy != "no"
-        and task.eval_sets
-        and metrics.get("epoch") != step / steps_per_epoch
-    ):
-        metrics = evaluate(method, task, trainable, _frozen(mut, const), cfg, mesh, eval_fn)
-        metrics["epoch"] = step / steps_per_epoch
-    save()
+
+    # ---- epilogue: final evaluation and checkpoint, results, outputs
+    if cfg.eval_strategy != "no" and task.eval_sets and loop.metrics.get("epoch") != loop.epoch:
+        loop.evaluate()
+    totals = logger.totals()
+    loop.save(totals)
     ckpt.close()
-    steps_run = step - start_step
+    steps_run = loop.step - start_step
     results = {
-        **metrics,
-        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        **loop.metrics,
+        "train_loss": totals["loss_sum"] / totals["loss_count"]
+        if totals["loss_count"]
+        else float("nan"),
         "train_runtime": runtime,
-        "train_samples_per_second": steps_run * global_batch / max(runtime, 1e-9),
-        "train_steps": step,
-        "trainable_params": method.num_trainable(opt_state),
+        "train_samples_per_second": steps_run * plan.global_batch / max(runtime, 1e-9),
+        "train_steps": loop.step,
+        "trainable_params": method.num_trainable,
         "all_params": num_all,
         "finetuning_type": method.name,
     }
-    if reselect_every:
-        results["reselections"] = sum(
-            _reselects_at(s, method.selection_steps, reselect_every) for s in range(step)
+    if totals["skipped"]:
+        results["skipped_nonfinite_steps"] = totals["skipped"]
+    if getattr(cfg, "reselect_every", 0) and hasattr(method, "plan"):
+        results["reselections"] = method.plan.schedule.num_reselections(loop.step)
+    merged = method.eval_params(loop.state.trainable, loop.state.buffers, frozen)
+    written = write_outputs(cfg, method, loop, merged, base, model, results, metadata or {})
+    return TrainResult(results, logger.losses, merged, method, loop.state, written)
+
+
+def write_outputs(cfg, method, loop: Loop, merged, base, model, results, metadata) -> list[str]:
+    """The epilogue's files, written by process 0 (every process takes part in gathering):
+    results, the method's outputs, the merged export, then the completion marker.
+    Non-finite weights are never written."""
+    out_dir = loop.out_dir
+    if jax.process_count() > 1:  # sharded over processes: every process gathers
+        merged, base = mesh_lib.to_host(merged), mesh_lib.to_host(base)
+    bad = [p for p, x in _named_leaves(merged) if not bool(np.all(np.isfinite(np.asarray(x))))]
+    if bad:
+        raise NonFiniteError(
+            f"The fine-tuned weights are not finite ({', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}); no delta or model was written. Resume from an "
+            "earlier checkpoint with a lower --learning_rate."
         )
-    if jax.process_index() == 0:
-        _write_json(out_dir / "eval_results.json", {k: v for k, v in metrics.items()})
-        _write_json(out_dir / "all_results.json", results)
-        _write_json(out_dir / "train_config.json", asdict(cfg))
-    frozen = _frozen(mut, const)
-    params = method.combine(trainable, frozen)
-    return TrainResult(results, losses, params, method, opt_state, frozen)
+    written = ["eval_results.json", "all_results.json", "train_config.json", "train_log.jsonl"]
+    if loop.primary:
+        outputs.mark_running(out_dir, step=loop.step, total_steps=loop.plan.total)
+        outputs.write_json_atomic(out_dir / "eval_results.json", dict(loop.metrics))
+        outputs.write_json_atomic(out_dir / "all_results.json", results)
+        outputs.write_json_atomic(out_dir / "train_config.json", _jsonable(asdict(cfg)))
+    for name in method.write_outputs(loop.state, merged, base, out_dir, metadata, loop.primary):
+        written.append(name)
+        if loop.primary:
+            log.info("Saved %s.", out_dir / name)
+    if loop.primary:
+        if cfg.export_model and model is not None:
+            model.export(jax.device_get(merged), out_dir / "model")
+            written.append("model")
+            log.info("Saved the merged model (HF format) to %s.", out_dir / "model")
+        outputs.mark_complete(out_dir, written, step=loop.step)
+    _sync("outputs-written")
+    return written
 
 
-def save_sift_delta(result: TrainResult, base_params: Any, path, metadata=None) -> str:
-    """Writes a SIFT run's increments (``sift_jax`` delta format, safetensors).
+def open_output_dir(cfg) -> outputs.OutputDir:
+    """The run's locked output directory (before anything slow is loaded)."""
+    return outputs.OutputDir(
+        cfg.output_dir,
+        overwrite=cfg.overwrite_output_dir,
+        resume=bool(cfg.resume_from_checkpoint),
+        is_primary=jax.process_index() == 0,
+    )
 
-    Sparse tensors are stored as their selected indices and increments, dense-trained ones
-    (e.g. the classifier) whole; ``sift_jax.merge_delta(base, sift_jax.load_delta(path))``
-    reproduces ``result.params`` exactly. Works for both SIFT paths.
-    """
-    import sift_jax
 
-    indices = result.method.sparse_indices(result.frozen, result.opt_state)
-    if result.metrics.get("reselections"):
-        # Earlier selections changed other positions too: store every position that changed.
-        indices = jax.tree.map(
-            lambda i, new, old: (
-                None
-                if i is None
-                else np.union1d(
-                    np.asarray(i), np.flatnonzero(np.asarray(new) != np.asarray(old))
-                ).astype(np.int32)
-            ),
-            indices,
-            result.params,
-            base_params,
-            is_leaf=lambda x: x is None,
+def _batches(task: Task, plan: StepPlan, start: int):
+    """Global batches from step ``start`` to the end, epoch by epoch (accumulation shapes
+    ``[accum, per_step, ...]``)."""
+    step = start
+    while step < plan.total:
+        epoch, offset = divmod(step, plan.steps_per_epoch)
+        for batch in task.train_batches(epoch, offset, plan.global_batch):
+            if plan.accum > 1:
+                batch = {
+                    k: v.reshape(plan.accum, plan.per_step, *v.shape[1:]) for k, v in batch.items()
+                }
+            yield batch
+            step += 1
+            if step >= plan.total or step % plan.steps_per_epoch == 0:
+                break
+
+
+def _resume(cfg, ckpt: Checkpointer, method: Method, state: TrainState, rng, mesh):
+    try:
+        step = ckpt.resolve(str(cfg.resume_from_checkpoint))
+    except CheckpointError:
+        raise
+    meta = ckpt.read_meta(step)
+    _check_same_config(meta.get("config", {}), asdict(cfg), ckpt.directory / str(step))
+    method.prepare_restore(meta.get("method", {}))
+    trainable_t = method.trainable
+    opt_t = jax.eval_shape(method.optimizer.init, trainable_t)
+    opt_t = (
+        jax.tree.map(_with_sharding_of, opt_t, state.opt_state)
+        if _same_tree(opt_t, state.opt_state)
+        else opt_t
+    )
+    method_t = method.checkpoint_template(meta.get("method", {}))
+    trainable, opt_state, rng, arrays = ckpt.restore(step, trainable_t, opt_t, rng, method_t, meta)
+    # What was created uncommitted (on one device) comes back committed to that device.
+    trainable, opt_state, rng = mesh_lib.onto_mesh((trainable, opt_state, rng), mesh)
+    state = method.restore(TrainState(trainable, opt_state, method.buffers), arrays)
+    totals = {k: meta[k] for k in ("loss_sum", "loss_count", "skipped") if k in meta}
+    totals["step"] = int(meta["step"])
+    return state, rng, totals
+
+
+def _same_tree(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b)
+
+
+def _with_sharding_of(sds, like):
+    if isinstance(like, jax.Array) and sds.shape == like.shape:
+        return jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=like.sharding)
+    return sds
+
+
+def _check_same_config(saved: dict, now: dict, where: Path) -> None:
+    diff = [
+        f"--{k} {saved[k]!r} (checkpoint) vs {now[k]!r} (now)"
+        for k in sorted(set(saved) & set(now))
+        if k not in RESUMABLE_CHANGES and _jsonable(saved[k]) != _jsonable(now[k])
+    ]
+    if diff:
+        raise CheckpointError(
+            f"Cannot resume from {where}: the run was started with other flags: "
+            + "; ".join(diff)
+            + ". Resume with the original flags (see train_config.json)."
         )
-    delta = sift_jax.extract_delta(result.params, base_params, indices)
-    sift_jax.save_delta(delta, str(path), metadata or {})
-    return str(path)
 
 
-def _reselects_at(step: int, selection_steps: int, every: int) -> bool:
-    """Whether step ``step`` (0-based) re-selects: every ``every`` steps after the first
-    selection, which ends at step ``selection_steps - 1``."""
-    since = step - (selection_steps - 1)
-    return since > 0 and since % every == 0
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
 
 
-def _onto_mesh(tree: Any, mesh) -> Any:
-    """Replicates over ``mesh`` every leaf that sits on a single device (a multi-device mesh
-    only), so a step's arguments never mix one-device and mesh placements."""
-    if mesh.size == 1:
-        return tree
+def _named_leaves(tree: Any):
+    from sift_jax.paths import leaves_with_paths
 
-    def put(x):
-        single = isinstance(x, jax.Array) and len(x.sharding.device_set) == 1
-        return jax.device_put(x, mesh_lib.replicated(mesh)) if single else x
-
-    return jax.tree.map(put, tree)
-
-
-def _zero_score(mut: dict) -> dict:
-    return {p: jnp.zeros(x.shape, jnp.float32) for p, x in flatten_paths(mut["w"]).items()}
-
-
-def _frozen(mut: dict, const: Any) -> Any:
-    return {**const, **mut} if mut else const
-
-
-def _extra(method: Method, frozen, score, cfg=None) -> dict | None:
-    """Method state that lives outside trainable/opt_state and must be checkpointed.
-
-    With re-selection the targeted weights have earlier increments folded in, so they (and the
-    values they held at the current indices) are saved too; otherwise base + increments
-    rebuilds them.
-    """
-    if method.path != "compact":
-        return None
-    # Global flat indices (shard-local ones converted), so a checkpoint is mesh-independent.
-    out = {"idx": method.compact_ops.idx_to_global(frozen["idx"])}
-    if getattr(cfg, "reselect_every", 0):
-        out.update(w=frozen["w"], sel=frozen["sel"])
-    if score:
-        out["score"] = unflatten_paths(score)
-    return out
+    return leaves_with_paths(tree)
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drops log lines written after ``step`` by the run being resumed."""
-    if not path.exists():
+    if not path.exists() or jax.process_index() != 0:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    outputs.write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,9 +1,22 @@
-"""Device mesh and data sharding helpers (single- and multi-host)."""
+"""Processes, the device mesh and data sharding (single- and multi-process).
+
+A multi-process run starts every process with the same flags plus its identity, e.g. two
+processes on one machine::
+
+    export JAX_COORDINATOR_ADDRESS=127.0.0.1:47311 JAX_NUM_PROCESSES=2
+    JAX_PROCESS_ID=0 python -m train.glue ... &
+    JAX_PROCESS_ID=1 python -m train.glue ...
+
+(or ``--coordinator_address``, ``--num_processes``, ``--process_id``); under SLURM and the other
+launchers ``jax.distributed.initialize`` detects by itself, ``srun python -m train.glue ...``.
+On the CPU backend the processes talk through gloo collectives.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -12,22 +25,71 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 
+_CLUSTER_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
-def maybe_initialize_distributed() -> None:
-    """Calls ``jax.distributed.initialize()`` when launched as one of several processes.
 
-    Detected through the usual launcher variables (``JAX_COORDINATOR_ADDRESS``, SLURM, or
-    ``JAX_NUM_PROCESSES``); a single process does nothing.
+def distributed_settings(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: dict | None = None,
+) -> dict | None:
+    """The ``jax.distributed.initialize`` arguments for this launch, or ``None`` for a single
+    process. Flags win over ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``; a cluster launcher (SLURM, Open MPI, PMI) gives ``{}`` (auto-detect).
+
+    Example:
+        >>> distributed_settings(environ={})
+        >>> distributed_settings(environ={"JAX_COORDINATOR_ADDRESS": "h:1",
+        ...                               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+        {'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 1}
     """
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    if (
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1
-    ):
-        jax.distributed.initialize()
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+    env = os.environ if environ is None else environ
+    addr = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else _int(env, "JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else _int(env, "JAX_PROCESS_ID")
+    if addr or (n is not None and n > 1) or pid is not None:
+        missing = [
+            name
+            for name, v in (
+                ("--coordinator_address / JAX_COORDINATOR_ADDRESS", addr),
+                ("--num_processes / JAX_NUM_PROCESSES", n),
+                ("--process_id / JAX_PROCESS_ID", pid),
+            )
+            if v is None
+        ]
+        if missing and not any(int(env.get(v, "1") or 1) > 1 for v in _CLUSTER_VARS):
+            raise ValueError(
+                "A multi-process launch needs all of coordinator address, number of processes "
+                f"and process id; missing {', '.join(missing)}."
+            )
+        if missing:
+            return {}
+        if not 0 <= pid < n:
+            raise ValueError(f"--process_id {pid} must be in [0, {n}) for {n} processes.")
+        return {"coordinator_address": addr, "num_processes": n, "process_id": pid}
+    if any(int(env.get(v, "1") or 1) > 1 for v in _CLUSTER_VARS):
+        return {}
+    return None
+
+
+def _int(env, name):
+    v = env.get(name)
+    return None if v in (None, "") else int(v)
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None) -> bool:
+    """Joins the other processes of a multi-process run (no-op for one process); returns
+    whether this is a multi-process run. Must run before anything touches the devices."""
+    settings = distributed_settings(coordinator_address, num_processes, process_id)
+    if settings is None:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    if (os.environ.get("JAX_PLATFORMS") or "cpu").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)
+    return True
 
 
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
@@ -52,7 +114,10 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
             name, value = (s.strip() for s in part.split("=", 1))
             if name not in AXES:
                 raise ValueError(f"--mesh: unknown axis {name!r}; axes are {list(AXES)}.")
-            sizes[name] = int(value)
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"--mesh: {name}={value!r} is not an integer.") from None
         if list(sizes.values()).count(-1) > 1:
             raise ValueError("--mesh: at most one axis may be -1.")
         known = math.prod(v for v in sizes.values() if v != -1)
@@ -76,8 +141,34 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf of ``tree`` replicated over ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def onto_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Replicates over ``mesh`` every leaf that sits on a single device (a multi-device mesh
+    only), so a step's arguments never mix one-device and mesh placements."""
+    if mesh.size == 1:
+        return tree
+
+    def put(x):
+        single = isinstance(x, jax.Array) and len(x.sharding.device_set) == 1
+        return jax.device_put(x, replicated(mesh)) if single else x
+
+    return jax.tree.map(put, tree)
+
+
 def host_slice(global_batch: dict[str, np.ndarray], axis: int = 0) -> dict[str, np.ndarray]:
-    """This process's rows (along ``axis``) of a global batch that every process computes."""
+    """This process's rows (along ``axis``) of a global batch that every process computes.
+
+    The rows follow the order of the mesh's devices along the data axes, so the processes'
+    slices together are exactly the global batch.
+    """
     n_proc, i = jax.process_count(), jax.process_index()
     if n_proc == 1:
         return global_batch
@@ -89,12 +180,23 @@ def host_slice(global_batch: dict[str, np.ndarray], axis: int = 0) -> dict[str, 
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
-    """Places a host-local batch as a global array sharded on data over dim ``leading``."""
+    """Places a global host batch (every process computes the same one) as global arrays
+    sharded on the data axes over dim ``leading``; each process contributes its slice."""
     spec = [None] * leading + [("data", "fsdp")]
     sharding = NamedSharding(mesh, P(*spec))
     local = host_slice(batch, axis=leading)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+def to_host(tree: Any) -> Any:
+    """A tree of (possibly multi-process) arrays as host numpy, identical on every process."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x) if isinstance(x, jax.Array) else x
+
+    return jax.tree.map(get, tree)

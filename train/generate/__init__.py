@@ -23,7 +23,6 @@ traceback.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,58 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.core.config import flag, parse_args
+from train.models import generate as kv
+from train.models.generate import check_generation_args
+from train.models.pretrained import Pretrained, load_pretrained
+
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 DEFAULT_MODEL = "embedded:smollm2"
-
-
-@dataclass
-class DecoderModel:
-    """A causal LM as the instruct tools use it.
-
-    Attributes:
-        params: nested dict of arrays.
-        apply_fn: ``(params, input_ids, attention_mask, **kw) -> [b, s, vocab]`` logits;
-            accepts ``segment_ids`` / ``positions`` keywords when ``supports_packing``.
-        tokenizer: the HF tokenizer.
-        supports_packing: whether ``apply_fn`` takes ``segment_ids`` and ``positions``.
-        name: where it came from.
-        model: the NNX model (for export), when loaded through ``train.models``.
-        config: its ``LlamaConfig`` (for export).
-    """
-
-    params: Any
-    apply_fn: Callable
-    tokenizer: Any
-    supports_packing: bool = False
-    name: str = ""
-    model: Any = None
-    config: Any = None
-
-    @property
-    def logits_fn(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        """``(input_ids, attention_mask) -> logits`` with the params bound (jitted).
-
-        Example:
-            >>> m = DecoderModel({"w": jnp.ones(3)}, lambda p, i, a: i[..., None] * p["w"], None)
-            >>> m.logits_fn([[1, 2]], [[1, 1]]).shape
-            (1, 2, 3)
-        """
-        f = jax.jit(self.apply_fn)
-        return lambda ids, mask: f(self.params, jnp.asarray(ids), jnp.asarray(mask))
-
-
-def _sample(logits: jax.Array, rng: jax.Array, temperature, top_p) -> jax.Array:
-    """Greedy where ``temperature <= 0``, else temperature + nucleus sampling (traced args)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    sampled = jax.random.categorical(rng, jnp.where(logits < cutoff, -jnp.inf, logits), axis=-1)
-    return jnp.where(temperature <= 0, greedy, sampled)
 
 
 @partial(jax.jit, static_argnames=("apply_fn", "max_new_tokens"))
@@ -100,7 +55,9 @@ def _generate_jit(
         mask = (cols < cur[:, None]).astype(jnp.int32)
         logits = apply_fn(params, ids, mask)
         last = jnp.take_along_axis(logits, (cur - 1)[:, None, None], axis=1)[:, 0]
-        tok = _sample(last, jax.random.fold_in(rng, t), temperature, top_p).astype(ids.dtype)
+        tok = kv.sample_logits(last, jax.random.fold_in(rng, t), temperature, top_p).astype(
+            ids.dtype
+        )
         tok = jnp.where(done, pad_id, tok)
         ids = ids.at[jnp.arange(b), cur].set(tok)
         done = done | (tok == eos_id)
@@ -149,8 +106,6 @@ def generate(
         >>> generate(count_up, None, [[1, 2], [5]], max_new_tokens=3, eos_id=7)
         [[3, 4, 5], [6, 7]]
     """
-    from train.models import generate as kv
-
     for r, p in enumerate(prompts):
         if not len(p):
             raise ValueError(f"Prompt {r} is empty; generation needs at least one token.")
@@ -204,29 +159,23 @@ def generate(
 
 
 def _context_of(model: Any) -> int | None:
-    """``max_position_embeddings`` of a ``train.models`` decoder (or its config), else None."""
+    """``max_position_embeddings`` of a ``train.models`` decoder (or its bundle), else None."""
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     n = getattr(cfg, "max_position_embeddings", None)
     return None if n is None else int(n)
 
 
-def context_length(model: DecoderModel) -> int | None:
+def context_length(model: Pretrained) -> int | None:
     """How many positions (prompt + new tokens) ``model`` takes, or ``None`` if unknown.
 
     Example:
-        >>> from train.models.decoder import LlamaConfig
-        >>> context_length(DecoderModel({}, None, None, config=LlamaConfig.tiny()))
+        >>> from flax import nnx
+        >>> from train.models.decoder import LlamaConfig, LlamaForCausalLM
+        >>> context_length(Pretrained.from_model(LlamaForCausalLM(LlamaConfig.tiny(),
+        ...                                                        rngs=nnx.Rngs(0))))
         64
     """
-    n = _context_of(model)  # from model.config
-    if n is not None:
-        return n
-    graphdef = getattr(model.apply_fn, "graphdef", None)
-    if graphdef is None:
-        return None
-    from flax import nnx
-
-    return _context_of(nnx.merge(graphdef, model.params))
+    return _context_of(model)
 
 
 def read_prompts(prompt: Sequence[str] | None, prompt_file: str | None) -> list[str]:
@@ -296,80 +245,74 @@ def merge_delta_file(params: Any, path: str) -> Any:
     """``params`` with the SIFT delta saved at ``path`` merged in (``sift_jax`` delta format).
 
     Example:
-        >>> import os, tempfile, numpy as np
-        >>> from sift_jax._src import delta as d
+        >>> import os, tempfile, numpy as np, sift_jax
         >>> base = {"w": np.zeros(3, np.float32)}
         >>> f = os.path.join(tempfile.mkdtemp(), "delta.safetensors")
-        >>> d.save_delta(d.extract_delta({"w": np.array([0, 2, 0], np.float32)}, base,
-        ...                              {"w": np.array([1])}), f)
+        >>> sift_jax.save_delta(sift_jax.extract_delta({"w": np.array([0, 2, 0], np.float32)},
+        ...                                            base, {"w": np.array([1])}), f)
         >>> merge_delta_file(base, f)["w"].tolist()
         [0.0, 2.0, 0.0]
     """
     import sift_jax
 
-    api = sift_jax
-    if not hasattr(api, "merge_delta"):
-        from sift_jax._src import delta as api  # until the package root re-exports it
-    return api.merge_delta(params, api.load_delta(path))
+    return sift_jax.merge_delta(params, sift_jax.load_delta(path))
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags :func:`load_model` reads.
+@dataclass
+class GenerateConfig:
+    """``train.generate`` flags."""
 
-    Example:
-        >>> p = argparse.ArgumentParser(); add_model_args(p)
-        >>> p.parse_args(["--delta", "d.safetensors"]).model_name_or_path
-        'embedded:smollm2'
-    """
-    p.add_argument(
-        "--model_name_or_path",
-        default=DEFAULT_MODEL,
-        help="'embedded:smollm2' (the packaged SmolLM2-135M-Instruct), a .gguf file, or a local "
+    model_name_or_path: str = flag(
+        DEFAULT_MODEL,
+        "'embedded:smollm2' (the packaged SmolLM2-135M-Instruct), a .gguf file, or a local "
         "HF LLaMA-family directory.",
     )
-    p.add_argument("--delta", default=None, help="A SIFT delta (.safetensors) to merge in.")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    delta: str | None = flag(None, "A SIFT delta (.safetensors) to merge in.")
+    dtype: str = flag("float32", "Parameter dtype.", choices=["float32", "bfloat16"])
+    prompt: list[str] = flag([], "A prompt (repeat the flag for several).", repeat=True)
+    prompt_file: str | None = flag(
+        None,
+        "A file with one prompt per line (blank lines skipped; a file with none is an error). "
+        "Without --prompt and --prompt_file a built-in prompt is used.",
+    )
+    max_new_tokens: int = flag(
+        64,
+        "Tokens to generate per prompt (>= 1). Each prompt plus max_new_tokens must fit the "
+        "model's context (max_position_embeddings): longer prompts are refused, not truncated.",
+    )
+    temperature: float = flag(
+        0.0, "0 = greedy (the default); > 0 samples at that temperature. Must be >= 0."
+    )
+    top_p: float = flag(
+        1.0, "Nucleus sampling mass, in (0, 1] (used with --temperature > 0; 1 = no cut)."
+    )
+    seed: int = flag(0, "Sampling seed.")
+    chat_template: bool = flag(
+        True, "Wrap each prompt in the tokenizer's chat template (if it has one)."
+    )
+
+    def __post_init__(self):
+        check_generation_args(self.max_new_tokens, self.temperature, self.top_p, prefix="--")
 
 
-def load_model(args: argparse.Namespace | Any) -> DecoderModel:
-    """The decoder named by ``args.model_name_or_path`` with ``args.delta`` merged in.
-
-    Example:
-        >>> args = argparse.Namespace(model_name_or_path="embedded:smollm2",
-        ...                           delta="out/sift_delta.safetensors")
-        >>> model = load_model(args)  # doctest: +SKIP
-    """
-    model = load_decoder(args.model_name_or_path, getattr(args, "dtype", "float32"))
-    if getattr(args, "delta", None):
-        model.params = merge_delta_file(model.params, args.delta)
-    return model
-
-
-def load_decoder(name: str, dtype: str = "float32", remat: bool = False) -> DecoderModel:
-    """Loads a LLaMA-family decoder through ``train.models`` as a :class:`DecoderModel`.
-
-    Args:
-        name: ``"embedded:smollm2"``, a ``.gguf`` file, or an HF LLaMA-family directory / id.
-        dtype: ``"float32"`` or ``"bfloat16"`` (parameters and compute).
-        remat: recompute each layer's activations in backward (gradient checkpointing).
+def load_decoder(name: str, dtype: str = "float32", remat: bool = False) -> Pretrained:
+    """Loads a LLaMA-family decoder (``embedded:smollm2``, a ``.gguf`` file, an HF directory
+    or hub id) as a :class:`~train.models.pretrained.Pretrained` causal LM.
 
     Example:
         >>> m = load_decoder("embedded:smollm2")  # doctest: +SKIP
         >>> m.apply_fn(m.params, ids, mask).shape  # doctest: +SKIP
         (1, 7, 49152)
     """
-    from train.models import decoder as dec
+    return load_pretrained(name, head="causal_lm", dtype=dtype, remat=remat)
 
-    loaded = dec.load_pretrained(name, dtype=dtype, remat=remat)
-    return DecoderModel(
-        params=loaded.params,
-        apply_fn=loaded.apply_fn,
-        tokenizer=loaded.tokenizer,
-        supports_packing=getattr(loaded, "supports_packing", False),
-        name=name,
-        model=loaded.model,
-        config=loaded.config,
-    )
+
+def load_model(cfg: GenerateConfig) -> Pretrained:
+    """The decoder named by ``cfg.model_name_or_path`` with ``cfg.delta`` merged in."""
+    model = load_decoder(cfg.model_name_or_path, cfg.dtype)
+    if cfg.delta:
+        model.params = merge_delta_file(model.params, cfg.delta)
+    return model
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -378,69 +321,25 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     Example:
         >>> main(["--prompt", "Name a fruit.", "--max_new_tokens", "8"])  # doctest: +SKIP
     """
-    from train.models.generate import check_generation_args
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    p.add_argument("--prompt", action="append", default=None, help="A prompt (repeatable).")
-    p.add_argument(
-        "--prompt_file",
-        default=None,
-        help="A file with one prompt per line (blank lines skipped; a file with none is an "
-        "error). Without --prompt and --prompt_file a built-in prompt is used.",
-    )
-    p.add_argument(
-        "--max_new_tokens",
-        type=int,
-        default=64,
-        help="Tokens to generate per prompt (>= 1). Each prompt plus max_new_tokens must fit the "
-        "model's context (max_position_embeddings): longer prompts are refused, not truncated.",
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="0 = greedy (the default); > 0 samples at that temperature. Must be >= 0.",
-    )
-    p.add_argument(
-        "--top_p",
-        type=float,
-        default=1.0,
-        help="Nucleus sampling mass, in (0, 1] (used with --temperature > 0; 1 = no cut).",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--chat_template",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Wrap each prompt in the tokenizer's chat template (if it has one).",
-    )
-    args = p.parse_args(argv)
-    settings = (args.max_new_tokens, args.temperature, args.top_p)
-    try:  # before the model is loaded
-        check_generation_args(*settings, prefix="--")
-        prompts = read_prompts(args.prompt, args.prompt_file)
-    except ValueError as e:
-        p.error(str(e))
-    model = load_model(args)
+    cfg = parse_args(argv, GenerateConfig, description=__doc__.split("\n\n")[0])
+    prompts = read_prompts(cfg.prompt or None, cfg.prompt_file)  # before the model is loaded
+    model = load_model(cfg)
     tok = model.tokenizer
-    use_chat = args.chat_template and bool(getattr(tok, "chat_template", None))
+    use_chat = cfg.chat_template and bool(getattr(tok, "chat_template", None))
     ids = [encode_prompt(tok, t, use_chat) for t in prompts]
-    try:  # before anything runs
-        check_generation_args(*settings, [len(i) for i in ids], context_length(model), prefix="--")
-    except ValueError as e:
-        p.error(str(e))
+    settings = (cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    check_generation_args(*settings, [len(i) for i in ids], context_length(model), prefix="--")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     outs = generate(
         model.apply_fn,
         model.params,
         ids,
-        args.max_new_tokens,
+        cfg.max_new_tokens,
         tok.eos_token_id,
         pad,
-        args.temperature,
-        args.top_p,
-        args.seed,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.seed,
     )
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     for prompt, text in zip(prompts, texts, strict=True):
@@ -448,5 +347,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     return texts
 
 
-if __name__ == "__main__":
-    main()
+def cli() -> int:
+    """The console entry point (``python -m train.generate``): :func:`main` with one-line errors
+    (``--debug`` shows the traceback)."""
+    from train.core.cli import run_main
+
+    return run_main(main, prog="train.generate")

