@@ -327,3 +327,37 @@ def test_generate_cli_uses_the_chat_template(tok, monkeypatch, capsys):
     texts = gen.main(argv)
     assert len(texts) == 2 and texts == gen.main(argv)
     assert "### Prompt:\nhi\n### Response:\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ftype", ["full", "sift"])
+def test_fsdp_mesh_shards_the_decoders_weights_and_optimizer_state(tmp_path, tok, reviews, ftype):
+    """Issue 13: train.instruct places the decoder through its bundle: with --mesh fsdp=8 the
+    weights (SIFT: the merged buffers) and full FT's AdamW moments are split over 8 devices."""
+    seen = {}
+    orig = instruct.fit
+
+    def spy(cfg, task, params, **kw):
+        seen["res"] = orig(cfg, task, params, **kw)
+        return seen["res"]
+
+    cfg = cfg_for(
+        tmp_path, finetuning_type=ftype, mesh="fsdp=8", per_device_train_batch_size=1, max_steps=2
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(instruct, "fit", spy)
+        run(cfg, tiny_model(tok))
+    res = seen["res"]
+    q = "model/layers/0/self_attn/q_proj/kernel"
+
+    def spec_of(tree):
+        x = flatten_paths(tree)[q]
+        return x.sharding.spec, len(x.sharding.device_set)
+
+    if ftype == "full":
+        mu = res.state.opt_state.inner_state[1][0].mu  # chain(clip, adamw) -> adamw's moments
+        for tree in (res.state.trainable, mu):
+            spec, devices = spec_of(tree)
+            assert "fsdp" in str(spec) and devices == 8
+    else:
+        assert "fsdp" in str(spec_of(res.state.buffers.weights)[0])
+        assert spec_of(res.state.buffers.weights)[1] == 8
