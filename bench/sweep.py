@@ -232,20 +232,28 @@ def glue_config(run: Run, seed: int, **kw):
     return GlueConfig(**flags)
 
 
-def run_one(run: Run, seed: int) -> dict:
-    """Trains one configuration with ``train.glue`` and returns its record."""
+def train_once(flags: dict, config=None) -> tuple[dict, float]:
+    """One ``train.glue`` run (in this process, outputs in a temporary directory removed
+    afterwards): ``(metrics, wall seconds)``."""
+    from train.glue import GlueConfig
     from train.glue import run as glue_run
 
     tmp = tempfile.mkdtemp(prefix="sift_sweep_")
     try:
-        cfg = glue_config(run, seed, output_dir=tmp, overwrite_output_dir=True)
+        cfg = config or GlueConfig(**flags, output_dir=tmp, overwrite_output_dir=True)
+        if config is not None:
+            cfg = dataclasses.replace(config, output_dir=tmp, overwrite_output_dir=True)
         t0 = time.perf_counter()
         res = glue_run(cfg)
-        wall = time.perf_counter() - t0
+        return res.metrics, time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         jax.clear_caches()
-    m = res.metrics
+
+
+def run_one(run: Run, seed: int) -> dict:
+    """Trains one configuration with ``train.glue`` and returns its record."""
+    m, wall = train_once({}, glue_config(run, seed))
     head = 770
     return {
         "sweep": run.sweep,

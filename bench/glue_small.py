@@ -1,0 +1,245 @@
+"""A small-scale Table 2 (issue 14): real GLUE tasks on the packaged MiniLM-L6, per method and
+seed, next to the paper's RoBERTa-large numbers for shape.
+
+Tasks: CoLA (Matthews correlation), SST-2 (accuracy; training set subsampled), MRPC (accuracy
+and F1), RTE (accuracy), from an official ``glue_data/`` directory (``--glue_dir``). Methods:
+the paper's SIFT recipe (rate 0.008 on attention q/k/v/o weights and biases, classifier dense,
+per-tensor budget), LoRA at matched parameters (rank 3 on query/value, 27,648 + classifier),
+LoRA r=8 (the paper's LoRA), full fine-tuning, and the SIFT variants beyond the paper
+(:data:`VARIANTS`: a global budget across tensors, periodic re-selection). Scaled recipe
+(:data:`RECIPE`, so the whole table fits a few hours of a 2-core CPU): max length 128 with
+length buckets, 3 epochs, batch 32, SST-2 first 8,000 training sentences, dev = the official
+dev set, warmup 6%, weight decay 0.1 (the paper's), learning rates per method in :data:`LR`.
+
+Every finished run appends one JSON line to ``docs/glue/runs.jsonl`` (resumable: recorded runs
+are skipped); ``report`` regenerates ``docs/glue.md``'s tables from it::
+
+    python -m bench.glue_small run --glue_dir ../shared/data/glue --seeds 0 1 2
+    python -m bench.glue_small report > docs/glue_tables.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path("docs/glue/runs.jsonl")
+TASKS = ("cola", "sst2", "mrpc", "rte")
+#: the metric each task is scored by (the first one; MRPC also reports F1)
+METRIC = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy"}
+#: the scaled recipe shared by every run (train.glue flags)
+RECIPE = dict(
+    model_name_or_path="embedded:minilm",
+    max_seq_length=128,
+    length_buckets=[32, 64, 96, 128],
+    num_train_epochs=3.0,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=128,
+    warmup_ratio=0.06,
+    weight_decay=0.1,
+    logging_steps=1000,
+    export_model=False,
+    disable_tqdm=True,
+    save_total_limit=1,
+    eval_strategy="no",
+)
+SST2_TRAIN = 8000
+ATTENTION = r"attention/(query|key|value|output)/"
+SIFT = dict(
+    finetuning_type="sift",
+    sparse_rate=0.008,
+    sparse_module=[ATTENTION],
+    sparse_exception=["classifier"],
+)
+LORA = dict(finetuning_type="lora", lora_targets=[r"attention/(query|value)/kernel"])
+METHODS = {
+    "sift": SIFT,
+    "lora-matched": {**LORA, "lora_rank": 3},
+    "lora-r8": {**LORA, "lora_rank": 8},
+    "full": dict(finetuning_type="full"),
+}
+#: SIFT beyond the paper, each at the paper recipe's number of trained entries
+VARIANTS = {
+    "sift-global": {**SIFT, "sift_budget": "global"},
+    "sift-reselect": {**SIFT, "reselect_every": 100},
+}
+LR = {"sift": 2e-3, "lora": 2e-3, "full": 5e-5}
+#: the paper's Table 2 (RoBERTa-large): SIFT / LoRA / full on these tasks
+PAPER = {
+    "cola": (68.5, 68.2, 68.0),
+    "sst2": (96.2, 96.2, 96.4),
+    "mrpc": (90.4, 90.2, 90.9),
+    "rte": (85.9, 85.2, 86.6),
+}
+
+
+def flags(task: str, method: str, seed: int) -> dict:
+    """The ``train.glue`` flags of one run.
+
+    Example:
+        >>> f = flags("sst2", "lora-r8", 1)
+        >>> f["lora_rank"], f["max_train_samples"], f["learning_rate"], f["seed"]
+        (8, 8000, 0.002, 1)
+    """
+    spec = {**METHODS, **VARIANTS}[method]
+    kind = spec["finetuning_type"]
+    out = dict(RECIPE, task_name=task, seed=seed, learning_rate=LR[kind], **spec)
+    if task == "sst2":
+        out["max_train_samples"] = SST2_TRAIN
+    return out
+
+
+def _done(path: Path) -> set[tuple[str, str, int]]:
+    if not path.exists():
+        return set()
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return {(r["task"], r["method"], r["seed"]) for r in recs}
+
+
+def run_one(task: str, method: str, seed: int, glue_dir: str) -> dict:
+    """Trains one run with ``train.glue`` (in this process) and returns its record."""
+    from bench.sweep import train_once
+
+    f = flags(task, method, seed)
+    metrics, wall = train_once({**f, "glue_dir": glue_dir})
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "metrics": {k: float(v) for k, v in metrics.items() if k.startswith("eval_")},
+        "trainable_params": int(metrics["trainable_params"]),
+        "train_steps": int(metrics["train_steps"]),
+        "train_loss": float(metrics["train_loss"]),
+        "wall_s": round(wall, 1),
+        "flags": f,
+    }
+
+
+def run(tasks, methods, seeds, glue_dir: str, results: Path = RESULTS) -> None:
+    """Runs every (task, method, seed) not yet recorded, seed by seed."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for task in tasks:
+            for method in methods:
+                if (task, method, seed) in _done(results):
+                    continue
+                print(f"=== {task} {method} seed {seed}", flush=True)
+                rec = run_one(task, method, seed, glue_dir)
+                with open(results, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                m = rec["metrics"]["eval_" + METRIC[task]]
+                print(f"=== {task} {method} seed {seed}: {m:.4f} ({rec['wall_s']} s)", flush=True)
+
+
+def summarize(recs: list[dict]) -> dict[tuple[str, str], dict]:
+    """``{(task, method): {mean, std, n, f1_mean, f1_std, params, wall_s}}`` (in points)."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in recs:
+        out.setdefault((r["task"], r["method"]), {"recs": []})["recs"].append(r)
+    for (task, _), d in out.items():
+        score = np.array([100 * r["metrics"]["eval_" + METRIC[task]] for r in d["recs"]])
+        d.update(mean=float(score.mean()), n=int(score.size))
+        d["std"] = float(score.std(ddof=1)) if score.size > 1 else float("nan")
+        if task == "mrpc":
+            f1 = np.array([100 * r["metrics"]["eval_f1"] for r in d["recs"]])
+            d.update(f1_mean=float(f1.mean()), f1_std=float(f1.std(ddof=1)) if f1.size > 1 else 0)
+        d["params"] = d["recs"][0]["trainable_params"]
+        d["wall_s"] = float(np.mean([r["wall_s"] for r in d["recs"]]))
+    return out
+
+
+def _cell(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    s = f"{d['mean']:.1f}" + (f" ± {d['std']:.1f}" if d["n"] > 1 else "")
+    if "f1_mean" in d:
+        s += f" (F1 {d['f1_mean']:.1f})"
+    return s
+
+
+def report(results: Path = RESULTS) -> str:
+    """The markdown tables of ``docs/glue.md`` from the recorded runs."""
+    recs = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
+    s = summarize(recs)
+    methods = [m for m in (*METHODS, *VARIANTS) if any(k[1] == m for k in s)]
+    lines = [
+        "| method | trainable params | " + " | ".join(t.upper() for t in TASKS) + " | avg |",
+        "|---|---|" + "---|" * (len(TASKS) + 1),
+    ]
+    for m in methods:
+        cells = [s.get((t, m)) for t in TASKS]
+        params = next((c["params"] for c in cells if c), 0)
+        means = [c["mean"] for c in cells if c]
+        avg = f"{np.mean(means):.1f}" if len(means) == len(TASKS) else "–"
+        lines.append(f"| {m} | {params:,} | " + " | ".join(map(_cell, cells)) + f" | {avg} |")
+    lines += ["", "Paper (RoBERTa-large, Table 2), for shape:", ""]
+    lines += [
+        "| method | " + " | ".join(t.upper() for t in TASKS) + " | avg |",
+        "|---|" + "---|" * (len(TASKS) + 1),
+    ]
+    for i, m in enumerate(("SIFT", "LoRA", "full")):
+        vals = [PAPER[t][i] for t in TASKS]
+        lines.append(f"| {m} | " + " | ".join(f"{v}" for v in vals) + f" | {np.mean(vals):.1f} |")
+    lines += ["", _gap_table(s, methods)]
+    walls = {m: sum(s[(t, m)]["wall_s"] for t in TASKS if (t, m) in s) for m in methods}
+    total = sum(r["wall_s"] for r in recs)
+    lines += [
+        "",
+        f"Wall time: {total / 3600:.2f} h for {len(recs)} runs; per method and seed (4 tasks): "
+        + ", ".join(f"{m} {w / 60:.0f} min" for m, w in walls.items())
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def _gap_table(s: dict, methods: list[str]) -> str:
+    """Per-seed paired differences of each SIFT variant against LoRA-matched and full FT on
+    the 4-task average (same seed = same data order and head initialisation)."""
+
+    def avg_by_seed(m):
+        per = {}
+        for t in TASKS:
+            for r in s.get((t, m), {}).get("recs", []):
+                per.setdefault(r["seed"], []).append(100 * r["metrics"]["eval_" + METRIC[t]])
+        return {k: float(np.mean(v)) for k, v in per.items() if len(v) == len(TASKS)}
+
+    rows = [
+        "| SIFT variant | avg | vs lora-matched (paired) | vs full (paired) |",
+        "|---|---|---|---|",
+    ]
+    for m in [m for m in methods if m.startswith("sift")]:
+        a = avg_by_seed(m)
+        cells = [f"{np.mean(list(a.values())):.1f}" if a else "–"]
+        for ref in ("lora-matched", "full"):
+            b = avg_by_seed(ref)
+            d = np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
+            cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}" if d.size > 1 else "–")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    """CLI: ``run`` (resumable) or ``report``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--glue_dir", required=True)
+    r.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.cmd == "run":
+        run(args.tasks, args.methods, args.seeds, args.glue_dir)
+    else:
+        print(report())
+    print(f"wall time: {time.perf_counter() - t0:.1f} s" if args.cmd == "run" else "", end="")
+
+
+if __name__ == "__main__":
+    main()
