@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -54,6 +56,44 @@ def _finite(name: str, value: float, *, low: float | None = None, positive: bool
 def _at_least(name: str, value: int, low: int):
     if value < low:
         raise ConfigError(f"--{name} must be >= {low}, got {value}.")
+
+
+def _patterns(name: str, patterns: list[str]) -> None:
+    """Each pattern of a regex-list flag must compile (a bad one would fail inside ``re``
+    with a traceback once the model is loaded)."""
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ConfigError(
+                f"--{name}: {pat!r} is not a valid regular expression ({e})."
+            ) from None
+
+
+def check_resume_spec(spec: str | None, output_dir: str) -> None:
+    """``--resume_from_checkpoint`` must be ``latest``, a step number or a directory
+    ``<output_dir>/checkpoints/<step>`` of this run; checked when the config is made, before
+    anything is loaded (whether that checkpoint exists is checked when resuming).
+
+    Example:
+        >>> check_resume_spec("latest", "out"), check_resume_spec("out/checkpoints/8", "out")
+        (None, None)
+        >>> try:
+        ...     check_resume_spec("foo", "out")
+        ... except ConfigError as e:
+        ...     print(str(e).split(" (")[0])
+        --resume_from_checkpoint foo: not a checkpoint of this run
+    """
+    if not spec or spec == "latest" or spec.isdigit():
+        return
+    path = Path(spec).expanduser().absolute()
+    ckpts = (Path(output_dir).expanduser().absolute() / "checkpoints").resolve()
+    if path.parent.resolve() != ckpts or not path.name.isdigit():
+        raise ConfigError(
+            f"--resume_from_checkpoint {spec}: not a checkpoint of this run (expected "
+            f"'latest', a step number or {ckpts}/<step>). A run continues only in its own "
+            "--output_dir: to continue another run, pass that run's --output_dir."
+        )
 
 
 def _strategies() -> list[str]:
@@ -185,6 +225,17 @@ class SiftConfig:
         _finite("sparse_rate", self.sparse_rate)
         if not 0.0 < self.sparse_rate <= 1.0:
             raise ConfigError(f"--sparse_rate must be in (0, 1], got {self.sparse_rate}.")
+        if str(getattr(self, "finetuning_type", "sift")).startswith("sift"):
+            if not self.sparse_module or not all(p.strip() for p in self.sparse_module):
+                raise ConfigError(
+                    f"--sparse_module needs at least one non-empty pattern, got "
+                    f"{self.sparse_module!r}: with none, only the --sparse_exception tensors "
+                    "(e.g. the classifier) would train, and the run would still be called SIFT. "
+                    "Leave the flag out for the default (the attention projections) or use "
+                    "--finetuning_type full."
+                )
+        _patterns("sparse_module", self.sparse_module)
+        _patterns("sparse_exception", self.sparse_exception)
         if self.selection not in _strategies():
             raise ConfigError(
                 f"--selection {self.selection!r} is not a registered strategy: {_strategies()}."
@@ -207,6 +258,8 @@ class LoraConfig:
     def __post_init__(self):
         _at_least("lora_rank", self.lora_rank, 1)
         _finite("lora_alpha", self.lora_alpha, positive=True)
+        _patterns("lora_targets", self.lora_targets)
+        _patterns("lora_exception", self.lora_exception)
 
 
 @dataclass
@@ -215,7 +268,10 @@ class RunConfig:
 
     output_dir: str = flag("outputs/run", "Where results, logs, checkpoints and exports go.")
     overwrite_output_dir: bool = flag(
-        False, "Clear a previous run's outputs in --output_dir (refused while a run holds it)."
+        False,
+        "Delete the previous run's outputs in --output_dir before starting: results, logs, "
+        "checkpoints, sift_delta.safetensors and model/ (refused while another run holds the "
+        "directory, and for a directory that does not look like a run's).",
     )
     eval_strategy: str = flag("epoch", "no | steps | epoch", choices=["no", "steps", "epoch"])
     eval_steps: int = flag(500, "Evaluate every N steps with --eval_strategy steps.")
@@ -246,6 +302,7 @@ class RunConfig:
         _at_least("logging_steps", self.logging_steps, 1)
         _at_least("save_steps", self.save_steps, 0)
         _at_least("save_total_limit", self.save_total_limit, 1)
+        check_resume_spec(self.resume_from_checkpoint, self.output_dir)
 
 
 @dataclass
