@@ -353,10 +353,12 @@ def test_plan_batches_covers_every_prompt_once_in_few_shapes():
     assert sorted(rows) == list(range(500))
     assert all(lengths[r] <= b.width for b in batches for r in b.rows)
     assert all(0 < len(b.rows) <= b.size <= 16 for b in batches)
-    shapes = {(b.size, b.width) for b in batches}
+    shapes = {(b.size, b.width) for b in batches[:-1]}  # one row count per width ...
     widths = {mmlu.bucket_width(n) for n in range(1, 700)}
-    assert len(shapes) == len({b.width for b in batches}) <= len(widths) == 14
-    assert [len(b.rows) < b.size for b in batches].count(True) <= 1  # filler: last batch only
+    assert len(shapes) == len({b.width for b in batches[:-1]}) <= len(widths) == 14
+    assert all(len(b.rows) == b.size for b in batches[:-1])  # ... and no filler rows
+    last = batches[-1]  # ... but the last batch: the next power of two rows
+    assert last.size == min(16, 1024 // last.width, 1 << (len(last.rows) - 1).bit_length())
     padded = sum(b.size * b.width for b in batches)
     assert padded < 1.5 * sum(lengths)
 
