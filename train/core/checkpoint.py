@@ -7,7 +7,9 @@ directory that a resume would pick up), then ``<step>/checksums.json``: the sha2
 file orbax wrote. A restore verifies them first: a damaged checkpoint is refused with the
 file named and the older checkpoints that still verify listed. ``latest`` means the newest
 checkpoint whose checksums were written (a kill between the two leaves an unverified one,
-skipped with a warning).
+skipped with a warning). A resumed run that reaches a step whose checkpoint does not verify
+saves it again; the temporary directories of saves killed midway are removed when the
+checkpointer opens (the run holds the output directory's lock).
 
 What is stored is only what trains (SIFT: the selected values, O(k)) plus the optimizer state
 and the method's own arrays (:meth:`train.core.methods.base.Method.checkpoint_arrays`, e.g.
@@ -84,7 +86,11 @@ class Checkpointer:
         outputs.check_writable(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            # cleanup_tmp_directories: a save killed midway leaves orbax's temporary
+            # directory; the run holds the output dir's lock, so no other save is under way.
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
         )
 
     # ---- which checkpoints exist
@@ -142,9 +148,17 @@ class Checkpointer:
 
     def save(self, step: int, state, rng, meta: dict, method_arrays: dict) -> bool:
         """Saves a step (all processes call it); returns False when ``step`` is already
-        saved (a resumed finished run re-running its epilogue)."""
+        saved and verifies (a resumed finished run re-running its epilogue, or a run resumed
+        from an older checkpoint reaching a step it saved before). An existing ``step`` that
+        does not verify (its save was killed before the checksums, or it is damaged) is
+        replaced."""
         if step in self.steps():
-            return False
+            try:
+                self.verify(step, hint=False)
+                return False
+            except CheckpointError as e:
+                log.warning("Replacing checkpoint %s: %s", step, e)
+                self.manager.delete(step)
         payload = {
             "trainable": _leaves_dict(state.trainable),
             "opt_state": _leaves_dict(state.opt_state),
@@ -169,42 +183,55 @@ class Checkpointer:
 
     # ---- restore
 
-    def verify(self, step: int) -> None:
+    def verify(self, step: int, *, hint: bool = True) -> None:
         """Raises :class:`CheckpointError` when a file of ``step`` does not match its checksum
-        (or the checksums are missing), naming the file and the usable older checkpoints."""
+        (or the checksums are missing), naming the file and (``hint``) the usable older
+        checkpoints."""
         step_dir = self.directory / str(step)
+        older = (lambda: self._older_hint(step)) if hint else (lambda: "")
         if not self.verified(step):
             raise CheckpointError(
-                f"Checkpoint {step_dir} has no {CHECKSUMS}: it was not saved completely."
-                + self._older_hint(step)
+                f"Checkpoint {step_dir} has no {CHECKSUMS}: it was not saved completely." + older()
             )
-        sums = json.loads((step_dir / CHECKSUMS).read_text())
+        try:
+            sums = json.loads((step_dir / CHECKSUMS).read_text())
+            if not isinstance(sums, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"Checkpoint {step_dir} is damaged: {CHECKSUMS} cannot be read ({e})." + older()
+            ) from None
         present = {str(p.relative_to(step_dir)) for p in _files(step_dir)}
         for rel in sorted(set(sums) | present):
             path = step_dir / rel
             if rel not in sums:
                 raise CheckpointError(
-                    f"Checkpoint file {path} is not in {CHECKSUMS}." + self._older_hint(step)
+                    f"Checkpoint {step_dir} is damaged: {path} is not in {CHECKSUMS}." + older()
                 )
-            if not path.is_file() or _sha256(path) != sums[rel]:
+            if not path.is_file():
                 raise CheckpointError(
-                    f"Checkpoint {step_dir} is damaged: {rel} does not match its checksum."
-                    + self._older_hint(step)
+                    f"Checkpoint {step_dir} is damaged: {path} is missing." + older()
+                )
+            if _sha256(path) != sums[rel]:
+                raise CheckpointError(
+                    f"Checkpoint {step_dir} is damaged: {path} does not match its checksum."
+                    + older()
                 )
 
     def _older_hint(self, step: int) -> str:
         older = []
         for s in reversed([s for s in self.steps() if s < step]):
             try:
-                self.verify(s)
+                self.verify(s, hint=False)
                 older.append(s)
             except CheckpointError:
                 continue
         if not older:
             return " No older checkpoint verifies; start again with --overwrite_output_dir."
         return (
-            f" Older checkpoints that verify: {older}; resume from one with "
-            f"--resume_from_checkpoint {self.directory / str(older[0])}"
+            f" Older checkpoints that verify: {older}; resume from the newest of them with "
+            f"--resume_from_checkpoint {self.directory / str(older[0])} (or remove the damaged "
+            "one and resume with --resume_from_checkpoint latest)."
         )
 
     def read_meta(self, step: int) -> dict:
