@@ -82,6 +82,9 @@ RUN_ENTRIES = (
     ERROR_LOG,
 )
 
+# Subdirectories a resumed run writes into: checked for writability when the dir is taken.
+WRITTEN_SUBDIRS = ("checkpoints", "model")
+
 # check_writable's probe files: another process may be probing while the primary looks at the
 # directory, so they never count as contents (nor are they cleared).
 _PROBE = ".write-test"
@@ -522,7 +525,9 @@ class OutputDir:
        first, so a half-cleared directory never looks complete) or ``resume`` (keeps
        everything), else :class:`OutputDirNotEmpty`. ``overwrite`` clears only a directory
        that looks like a run's (one of :data:`RUN_ENTRIES` in it), and never ``/``, the home
-       directory or one that holds the working directory.
+       directory or one that holds the working directory;
+    4. checks that the subdirectories a resumed run writes into (:data:`WRITTEN_SUBDIRS`,
+       e.g. ``checkpoints/``) are writable too.
 
     Other processes (``is_primary=False``) never lock nor clear: they wait (at most
     ``wait_timeout`` seconds) for the directory to exist and check that they can write it.
@@ -611,6 +616,7 @@ class OutputDir:
         self._lock()
         try:
             self._check_contents()
+            self._check_subdirs()
         except BaseException:
             self.release()
             raise
@@ -741,6 +747,15 @@ class OutputDir:
             raise OutputDirNotEmpty(f"{self.what} {self.path} is not empty ({n}){held}; {_FIX}.")
         self._refuse_dangerous(n)
         self._clear(entries)
+
+    def _check_subdirs(self) -> None:
+        """A resumed run writes into its existing ``checkpoints/`` (and ``model/``): a
+        read-only one fails here, at once, not after the model is loaded (orbax would wait
+        minutes for a save that cannot happen)."""
+        for name in WRITTEN_SUBDIRS:
+            sub = self.path / name
+            if sub.is_dir() and not sub.is_symlink():
+                check_writable(sub, what=f"{self.what}'s {name}/ directory")
 
     def _refuse_dangerous(self, n: str) -> None:
         real = self.path.resolve()
