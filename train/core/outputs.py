@@ -754,7 +754,7 @@ class OutputDir:
         minutes for a save that cannot happen)."""
         for name in WRITTEN_SUBDIRS:
             sub = self.path / name
-            if sub.is_dir() and not sub.is_symlink():
+            if sub.is_dir():  # a symlink to a directory elsewhere included
                 check_writable(sub, what=f"{self.what}'s {name}/ directory")
 
     def _refuse_dangerous(self, n: str) -> None:
