@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 #: files whose presence means "this directory has a tokenizer"
@@ -103,19 +104,37 @@ def read_safetensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     d = Path(model_dir)
     single, index = d / "model.safetensors", d / "model.safetensors.index.json"
     if single.is_file():
-        return dict(load_file(single))
+        return _load_file(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{index} is not a valid safetensors index (a JSON object with a "
+                f"'weight_map'): {type(e).__name__}: {e}"
+            ) from None
         out: dict[str, np.ndarray] = {}
         for s in shards:
             if not (d / s).is_file():
                 raise FileNotFoundError(f"Shard {s} listed in {index} is missing.")
-            out.update(load_file(d / s))
+            out.update(_load_file(d / s))
         return out
     raise FileNotFoundError(
         f"No weights in {d}: expected model.safetensors or model.safetensors.index.json "
         "(pytorch_model.bin is not supported: it needs torch)."
     )
+
+
+def _load_file(path: Path) -> dict[str, np.ndarray]:
+    """``safetensors.numpy.load_file``; a truncated or damaged file is a ``ValueError`` that
+    names it (safetensors' own error names no file)."""
+    try:
+        return dict(load_file(path))
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}; {path.stat().st_size:,} bytes): "
+            "it may be truncated or damaged (an interrupted download or copy); fetch it again."
+        ) from None
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any | None:
