@@ -13,7 +13,9 @@ An entry point ends with ``sys.exit(run_main(main))``. :func:`run_main` runs ``m
 ``--debug`` on the command line (removed before ``main`` sees it) or ``SIFT_JAX_DEBUG=1`` in
 the environment shows the traceback of user errors too. A run that has an output directory
 can call :func:`set_error_log` (e.g. with ``<output_dir>/error.log``): every error's traceback
-is then appended there, and the message says so.
+is then appended there, and the message says so. :func:`errors_logged_to` does it for a block
+(the jobs use it once their output directory is locked), without leaving the registration
+behind when the job is called directly rather than through :func:`run_main`.
 
 Nothing here imports the rest of ``train/``.
 
@@ -30,12 +32,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "error_log",
+    "errors_logged_to",
     "is_user_error",
     "run_main",
     "set_error_log",
@@ -95,6 +99,39 @@ def set_error_log(path: str | os.PathLike | None) -> Path | None:
     before = _error_log
     _error_log = None if path is None else Path(path)
     return before
+
+
+_LOG_ATTR = "_sift_jax_error_log"
+
+
+@contextlib.contextmanager
+def errors_logged_to(path: str | os.PathLike) -> Iterator[Path]:
+    """Registers ``path`` with :func:`set_error_log` for the block. An error leaving the
+    block carries ``path`` with it, so :func:`run_main` still appends its traceback there;
+    the registration itself ends with the block (a job called directly, e.g. by a test,
+    leaves no error log registered behind).
+
+    Example:
+        >>> import contextlib, io, tempfile
+        >>> def main(argv):
+        ...     with errors_logged_to(Path(argv[0]) / "error.log"):
+        ...         raise UsageError("--learning_rate must be > 0, got 0.")
+        >>> with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
+        ...     code = run_main(main, [tmp])
+        ...     logged = "UsageError" in (Path(tmp) / "error.log").read_text()
+        >>> code, logged, error_log() is None
+        (2, True, True)
+    """
+    path = Path(path)
+    previous = set_error_log(path)
+    try:
+        yield path
+    except BaseException as e:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(e, _LOG_ATTR, getattr(e, _LOG_ATTR, None) or path)
+        raise
+    finally:
+        set_error_log(previous)
 
 
 def error_log() -> Path | None:
@@ -233,7 +270,7 @@ def run_main(
 
 def _log_note(exc: BaseException, argv: Sequence[str]) -> str:
     """Appends ``exc``'s traceback to the registered error log; says where (or why not)."""
-    log = _error_log
+    log = getattr(exc, _LOG_ATTR, None) or _error_log
     if log is None:
         return ""
     failed = _append_log(log, exc, argv)

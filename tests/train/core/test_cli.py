@@ -16,6 +16,7 @@ from train.core.cli import (
     DEBUG_ENV,
     UsageError,
     error_log,
+    errors_logged_to,
     is_user_error,
     run_main,
     set_error_log,
@@ -162,6 +163,27 @@ def test_the_error_log_gets_the_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "IndexError" in err and err.endswith(f"(traceback in {log})\n")
     assert log.read_text().count("Traceback") == 2  # appended
+
+
+def test_errors_logged_to_a_block_reach_run_main_and_leave_no_registration(tmp_path, capsys):
+    """What the jobs do once the output dir is locked: the traceback of an error raised in
+    the block goes to that run's log even though the block (and the lock) ended before
+    run_main reports it; called directly, the job leaves no log registered for later runs."""
+    log = tmp_path / "error.log"
+
+    def job(argv):
+        with errors_logged_to(log):
+            raise ValueError("--learning_rate too high: the loss is NaN")
+
+    assert run_main(job, []) == 2
+    assert capsys.readouterr().err.endswith(f"(traceback in {log})\n")
+    assert "ValueError: --learning_rate too high" in log.read_text()
+    with pytest.raises(ValueError):
+        job([])
+    assert error_log() is None
+    assert run_main(_raise(ValueError("unrelated")), []) == 2
+    assert capsys.readouterr().err == "error: unrelated\n"  # not logged to the old run's file
+    assert log.read_text().count("Traceback") == 1
 
 
 def test_an_unwritable_error_log_is_reported_not_raised(tmp_path, capsys):
