@@ -9,6 +9,7 @@ delta and the merged model export, written by process 0 only, and the completion
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from train.core import logs, methods, outputs
+from train.core import cli, logs, methods, outputs
 from train.core import mesh as mesh_lib
 from train.core.checkpoint import Checkpointer, CheckpointError
 from train.core.methods.base import PHASE_TRAIN, Method, TrainState
@@ -213,15 +214,20 @@ class LogHook:
         now = time.perf_counter()
         per_step = (now - self.t_last) / len(fetched)
         self.t_last = now
+        total_skipped = consecutive = 0
         for _, m in fetched:
             loss = float(m["loss"])
             self.losses.append(loss)
-            if math.isfinite(loss):
+            # The guard's count of non-finite steps in a row, after this step: > 0 means
+            # this step was skipped (its loss, or only its gradient, was NaN/inf).
+            run = int(m["nonfinite"]) if "nonfinite" in m else int(not math.isfinite(loss))
+            consecutive = max(consecutive, run)
+            if run:
+                total_skipped += 1
+            elif math.isfinite(loss):
                 self.loss_sum += loss
                 self.loss_count += 1
         step, m = fetched[-1]
-        consecutive = int(m.get("nonfinite", 0))
-        total_skipped = sum(1 for _, x in fetched if not math.isfinite(float(x["loss"])))
         self.skipped += total_skipped
         if total_skipped:
             log.warning(
@@ -248,8 +254,9 @@ class LogHook:
         )
         if consecutive >= self.loop.cfg.max_nonfinite_steps:
             raise NonFiniteError(
-                f"{consecutive} consecutive steps up to step {step} had a NaN/inf loss or "
-                "gradient (each skipped); stopping without writing outputs. Lower "
+                f"{consecutive} consecutive steps (up to step {step}; --max_nonfinite_steps "
+                f"{self.loop.cfg.max_nonfinite_steps}) had a NaN/inf loss or gradient (each "
+                "skipped, no update); stopping without writing the delta or the model. Lower "
                 "--learning_rate, check the data, or resume from an earlier checkpoint."
             )
 
@@ -392,6 +399,7 @@ def fit(
     mesh=None,
     out: outputs.OutputDir | None = None,
     metadata: dict | None = None,
+    finish: Callable[[TrainResult], list[str]] | None = None,
 ) -> TrainResult:
     """Fine-tunes ``params`` on ``task`` as ``cfg`` says, and writes the run's outputs.
 
@@ -406,6 +414,10 @@ def fit(
         out: the locked :class:`train.core.outputs.OutputDir` (default: lock ``cfg.output_dir``
             here).
         metadata: recorded with the method's outputs (e.g. the SIFT delta's header).
+        finish: the job's own epilogue, called on every process with the result once the
+            shared outputs are written and before the run is marked complete; returns the
+            names of the files it wrote (e.g. ``instruct_results.json``), so that the run is
+            complete only when they exist too.
 
     Returns:
         A :class:`TrainResult`.
@@ -413,7 +425,9 @@ def fit(
     logs.setup(primary=jax.process_index() == 0)
     if out is None:
         with open_output_dir(cfg) as out:
-            return fit(cfg, task, params, model=model, mesh=mesh, out=out, metadata=metadata)
+            return fit(
+                cfg, task, params, model=model, mesh=mesh, out=out, metadata=metadata, finish=finish
+            )
     mesh = mesh if mesh is not None else mesh_lib.parse_mesh(cfg.mesh)
     out_dir = out.path
     s = setup(cfg, task, params, mesh, model)
@@ -497,14 +511,25 @@ def fit(
     if getattr(cfg, "reselect_every", 0) and hasattr(method, "plan"):
         results["reselections"] = method.plan.schedule.num_reselections(loop.step)
     merged = method.eval_params(loop.state.trainable, loop.state.buffers, frozen)
-    written = write_outputs(cfg, method, loop, merged, base, model, results, metadata or {})
-    return TrainResult(results, logger.losses, merged, method, loop.state, written)
+    result = TrainResult(results, logger.losses, merged, method, loop.state)
+
+    def job(written: list[str]) -> list[str]:
+        result.outputs = list(written)  # what the job's epilogue sees (delta, model, ...)
+        return finish(result) if finish is not None else []
+
+    result.outputs = write_outputs(
+        cfg, method, loop, merged, base, model, results, metadata or {}, finish=job
+    )
+    return result
 
 
-def write_outputs(cfg, method, loop: Loop, merged, base, model, results, metadata) -> list[str]:
+def write_outputs(
+    cfg, method, loop: Loop, merged, base, model, results, metadata, finish=None
+) -> list[str]:
     """The epilogue's files, written by process 0 (every process takes part in gathering):
-    results, the method's outputs, the merged export, then the completion marker.
-    Non-finite weights are never written."""
+    results, the method's outputs, the merged export, the job's own (``finish(written)``
+    returns their names), then the completion marker. Each file is written atomically; the marker
+    says complete only when every one exists. Non-finite weights are never written."""
     out_dir = loop.out_dir
     if jax.process_count() > 1:  # sharded over processes: every process gathers
         merged, base = mesh_lib.to_host(merged), mesh_lib.to_host(base)
@@ -530,6 +555,9 @@ def write_outputs(cfg, method, loop: Loop, merged, base, model, results, metadat
             model.export(jax.device_get(merged), out_dir / "model")
             written.append("model")
             log.info("Saved the merged model (HF format) to %s.", out_dir / "model")
+    if finish is not None:
+        written.extend(finish(list(written)) or [])
+    if loop.primary:
         outputs.mark_complete(out_dir, written, step=loop.step)
     _sync("outputs-written")
     return written
@@ -543,6 +571,15 @@ def open_output_dir(cfg) -> outputs.OutputDir:
         resume=bool(cfg.resume_from_checkpoint),
         is_primary=jax.process_index() == 0,
     )
+
+
+def log_errors(out: outputs.OutputDir):
+    """Appends the traceback of an error leaving the block to ``<output_dir>/error.log``
+    (process 0 only; the one-line message says where): enter it once the directory is
+    locked, never before (a run refused by the lock must not write into another run's dir)."""
+    if not out.is_primary:
+        return contextlib.nullcontext()
+    return cli.errors_logged_to(out.path / outputs.ERROR_LOG)
 
 
 def _batches(task: Task, plan: StepPlan, start: int):
