@@ -15,7 +15,7 @@ import optax
 from train.core import logs
 from train.core import mesh as mesh_lib
 from train.core.config import TrainConfig, flag
-from train.core.fit import TrainResult, fit, open_output_dir
+from train.core.fit import TrainResult, fit, log_errors, open_output_dir
 from train.core.task import Task
 from train.glue import batching
 from train.glue import data as glue_data
@@ -132,12 +132,13 @@ def build_task(cfg: GlueConfig) -> tuple[Task, Pretrained]:
 def run(cfg: GlueConfig) -> TrainResult:
     """Runs ``train.glue`` for a parsed config and returns the :class:`TrainResult`.
 
-    The output directory is locked (and checked) before anything is loaded.
+    The output directory is locked (and checked) before anything is loaded; from then on an
+    error's traceback also goes to ``<output_dir>/error.log``.
     """
     mesh_lib.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     logs.setup(primary=jax.process_index() == 0)
     mesh = mesh_lib.parse_mesh(cfg.mesh)
-    with open_output_dir(cfg) as out:
+    with open_output_dir(cfg) as out, log_errors(out):
         task, model = build_task(cfg)
         meta = {"base_model": cfg.model_name_or_path, "task": cfg.task_name}
         result = fit(cfg, task, model.params, model=model, mesh=mesh, out=out, metadata=meta)

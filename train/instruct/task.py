@@ -15,7 +15,7 @@ import numpy as np
 from train.core import logs
 from train.core import mesh as mesh_lib
 from train.core.config import TrainConfig, flag, parse_args
-from train.core.fit import fit, open_output_dir
+from train.core.fit import TrainResult, fit, log_errors, open_output_dir
 from train.core.outputs import write_json_atomic
 from train.core.task import Task
 from train.generate import load_decoder
@@ -27,6 +27,7 @@ log = logging.getLogger("train")
 PROJECTIONS = r"(q|k|v|o|gate|up|down)_proj"
 REVIEW_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
 REVIEW_ANSWERS = ("negative", "positive")  # label 0, label 1
+RESULTS_FILE = "instruct_results.json"
 DEMO_TRAIN_SAMPLES = 480  # offline demo's training set size when --max_train_samples is unset
 
 
@@ -381,7 +382,7 @@ def run(cfg: InstructConfig, model: Pretrained | None = None) -> dict:
     mesh_lib.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     logs.setup(primary=jax.process_index() == 0)
     mesh = mesh_lib.parse_mesh(cfg.mesh)
-    with open_output_dir(cfg) as out:
+    with open_output_dir(cfg) as out, log_errors(out):
         return _run(cfg, model, mesh, out, t0)
 
 
@@ -443,22 +444,31 @@ def _run(cfg: InstructConfig, model, mesh, out, t0) -> dict:
 
     task = build_task(model, cfg, train_arrays, eval_arrays, cset, answer_ids)
     meta = {"base_model": cfg.model_name_or_path, "task": cfg.task_name}
-    result = fit(cfg, task, model.params, model=model, mesh=mesh, out=out, metadata=meta)
-    after = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
-    if cfg.mmlu_dir:
-        after.update(_mmlu(cfg, model, result.params))
-        log.info("MMLU after tuning: %.4f", after["mmlu_average"])
-    delta = out.path / "sift_delta.safetensors"
-    results = {
-        "export": str(out.path / "model") if "model" in result.outputs else None,
-        "before": before,
-        "after": after,
-        "train": {k: v for k, v in result.metrics.items() if not k.startswith("eval_")},
-        "delta": str(delta) if delta.name in result.outputs else None,
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    if jax.process_index() == 0:
-        write_json_atomic(out.path / "instruct_results.json", results)
+    results: dict[str, Any] = {}
+
+    def finish(result: TrainResult) -> list[str]:
+        # Part of fit's epilogue: the run is marked complete only once this file exists.
+        after = {k: v for k, v in result.metrics.items() if k.startswith("eval_")}
+        if cfg.mmlu_dir:
+            after.update(_mmlu(cfg, model, result.params))
+            log.info("MMLU after tuning: %.4f", after["mmlu_average"])
+        delta = out.path / "sift_delta.safetensors"
+        results.update(
+            {
+                "export": str(out.path / "model") if "model" in result.outputs else None,
+                "before": before,
+                "after": after,
+                "train": {k: v for k, v in result.metrics.items() if not k.startswith("eval_")},
+                "delta": str(delta) if delta.name in result.outputs else None,
+                "wall_time_s": time.perf_counter() - t0,
+            }
+        )
+        if jax.process_index() == 0:
+            write_json_atomic(out.path / RESULTS_FILE, results)
+        return [RESULTS_FILE]
+
+    fit(cfg, task, model.params, model=model, mesh=mesh, out=out, metadata=meta, finish=finish)
+    after = results["after"]
     if "eval_accuracy" in before:
         log.info(
             "Accuracy: zero-shot %.4f -> after %s %.4f",

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 import sift_jax
 from sift_jax.paths import flatten_paths
+from train.core.outputs import is_complete, read_run_state
 from train.generate import generate
 from train.instruct import InstructConfig, run
 from train.instruct import task as instruct
@@ -116,6 +117,8 @@ def sift_run(tmp_path_factory, tok):
 
 
 def _check_run(run_dir: Path, res: dict, ftype: str) -> None:
+    # The job's own results are part of the run: complete only once they are written.
+    assert is_complete(run_dir) and "instruct_results.json" in read_run_state(run_dir)["outputs"]
     out = json.loads((run_dir / "instruct_results.json").read_text())
     assert out["before"]["eval_accuracy"] == res["before"]["eval_accuracy"]
     assert 0.0 <= out["after"]["eval_accuracy"] <= 1.0
