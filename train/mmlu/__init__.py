@@ -56,9 +56,9 @@ counters and every prediction.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -69,6 +69,12 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from train.core import logs
+from train.core.config import flag as cfg_flag
+from train.core.config import parse_args
+
+log = logging.getLogger("train")
 
 CHOICES = ("A", "B", "C", "D")
 
@@ -670,10 +676,9 @@ class DecoderScorer:
         if self.verbose and now >= self._next_log:
             rate = self._done / (now - self._t0)
             eta = (self._n - self._done) / max(rate, 1e-9)
-            print(
+            log.info(
                 f"MMLU scoring: {self._done}/{self._n} questions, {rate:.2f}/s, "
-                f"{len(self._shapes)} shapes compiled, about {eta / 60:.0f} min left",
-                flush=True,
+                f"{len(self._shapes)} shapes compiled, about {eta / 60:.0f} min left"
             )
             self._next_log = now + 60
 
@@ -817,7 +822,7 @@ def evaluate_mmlu(
         total_correct += correct
         total += len(qs)
         if verbose:
-            print(f"MMLU {subject}: {accs[subject]:.4f} ({correct}/{len(qs)})")
+            log.info(f"MMLU {subject}: {accs[subject]:.4f} ({correct}/{len(qs)})")
     lengths = [len(e.ids) for e in encoded]
     return MMLUResult(
         accs,
@@ -852,67 +857,69 @@ def load_scorer_model(name: str, dtype: str = "float32", delta: str | None = Non
     return model, model.tokenizer
 
 
+@dataclass
+class MMLUConfig:
+    """``python -m train.mmlu`` flags."""
+
+    mmlu_dir: str = cfg_flag("", "MMLU directory (dev/ and test/ CSVs). Required.")
+    model_name_or_path: str = cfg_flag(
+        "embedded:smollm2",
+        "'embedded:smollm2' (the packaged SmolLM2-135M-Instruct), a .gguf file, or a local HF "
+        "LLaMA-family directory.",
+    )
+    delta: str | None = cfg_flag(None, "A SIFT delta (.safetensors) to merge in.")
+    dtype: str = cfg_flag(
+        "float32",
+        "Parameter and compute dtype (bfloat16 is much slower on CPU).",
+        choices=["float32", "bfloat16"],
+    )
+    split: str = cfg_flag("test", "Which split to score.", choices=["test", "val"])
+    mmlu_k_shot: int = cfg_flag(0, "Answered dev examples per prompt.")
+    subjects: list[str] = cfg_flag([], "Subjects (default: all).")
+    max_length: int = cfg_flag(
+        2048,
+        "Longest prompt in tokens: shots are dropped to fit (as the original code), then "
+        "zero-shot prompts are cut from the left. Both are counted in the output.",
+    )
+    max_questions_per_subject: int | None = cfg_flag(None, "Cap the questions per subject.")
+    tokens_per_batch: int = cfg_flag(
+        1024, "Padded tokens per forward (on CPU 1024 is as fast as larger batches or faster)."
+    )
+    max_batch_size: int = cfg_flag(32, "Rows per forward at most.")
+    padding_side: str = cfg_flag("right", "Prompt padding side.", choices=["right", "left"])
+    no_prefix_cache: bool = cfg_flag(
+        False, "Run every prompt in full instead of caching each subject's shared prefix."
+    )
+    full_logits: bool = cfg_flag(
+        False,
+        "The straightforward path (full [b, s, vocab] logits, file order, --batch_size rows): "
+        "slow, for checking the fast one.",
+    )
+    batch_size: int = cfg_flag(8, "Rows per batch with --full_logits.")
+    output_file: str | None = cfg_flag(None, "Write the results JSON here.")
+
+    def __post_init__(self):
+        if not self.mmlu_dir:
+            raise ValueError("--mmlu_dir is required (a directory with dev/ and test/ CSVs).")
+        if self.mmlu_k_shot < 0 or self.max_length < 1:
+            raise ValueError("--mmlu_k_shot must be >= 0 and --max_length >= 1.")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m train.mmlu --mmlu_dir DIR [--mmlu_k_shot 5] [--delta D] [--output_file F]``.
 
     Example:
         >>> main(["--mmlu_dir", "data/mmlu", "--delta", "d.safetensors"])  # doctest: +SKIP
     """
-    p = argparse.ArgumentParser(description="MMLU evaluation of a (SIFT-tuned) decoder.")
-    p.add_argument(
-        "--model_name_or_path",
-        default="embedded:smollm2",
-        help="'embedded:smollm2' (the packaged SmolLM2-135M-Instruct), a .gguf file, or a local "
-        "HF LLaMA-family directory.",
-    )
-    p.add_argument("--delta", default=None, help="A SIFT delta (.safetensors) to merge in.")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="Parameter and compute dtype (bfloat16 is much slower on CPU).",
-    )
-    p.add_argument("--mmlu_dir", required=True, help="MMLU directory (dev/ and test/ CSVs).")
-    p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--mmlu_k_shot", type=int, default=0, help="Answered dev examples per prompt.")
-    p.add_argument("--subjects", nargs="*", default=None, help="Subjects (default: all).")
-    p.add_argument(
-        "--max_length",
-        type=int,
-        default=2048,
-        help="Longest prompt in tokens: shots are dropped to fit (as the original code), then "
-        "zero-shot prompts are cut from the left. Both are counted in the output.",
-    )
-    p.add_argument("--max_questions_per_subject", type=int, default=None)
-    p.add_argument(
-        "--tokens_per_batch",
-        type=int,
-        default=1024,
-        help="Padded tokens per forward (on CPU 1024 is as fast as larger batches or faster).",
-    )
-    p.add_argument("--max_batch_size", type=int, default=32)
-    p.add_argument("--padding_side", default="right", choices=["right", "left"])
-    p.add_argument(
-        "--no_prefix_cache",
-        action="store_true",
-        help="Run every prompt in full instead of caching each subject's shared prefix.",
-    )
-    p.add_argument(
-        "--full_logits",
-        action="store_true",
-        help="The straightforward path (full [b, s, vocab] logits, file order, --batch_size "
-        "rows): slow, for checking the fast one.",
-    )
-    p.add_argument("--batch_size", type=int, default=8, help="Rows per batch with --full_logits.")
-    p.add_argument("--output_file", default=None, help="Write the results JSON here.")
-    args = p.parse_args(argv)
-    if args.mmlu_k_shot < 0 or args.max_length < 1:
-        p.error("--mmlu_k_shot must be >= 0 and --max_length >= 1.")
+    args = parse_args(argv, MMLUConfig, description="MMLU evaluation of a (SIFT-tuned) decoder.")
+    logs.setup()
     t0 = time.time()
     model, tok = load_scorer_model(args.model_name_or_path, args.dtype, args.delta)
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and args.max_length > context:
-        p.error(f"--max_length {args.max_length} exceeds the model's context of {context}.")
+        raise ValueError(
+            f"--max_length {args.max_length} exceeds the model's context of {context}."
+        )
     if args.full_logits:
         f = jax.jit(model.apply_fn)
         scorer: Any = FullLogits(
@@ -934,14 +941,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tok,
         args.mmlu_dir,
         args.mmlu_k_shot,
-        args.subjects,
+        args.subjects or None,
         args.batch_size,
         args.max_length,
         args.max_questions_per_subject,
         verbose=True,
         split=args.split,
     )
-    print(
+    log.info(
         f"MMLU {args.split} {args.mmlu_k_shot}-shot average accuracy: {res.average:.4f} over "
         f"{res.num_questions} questions ({res.num_fewer_shots} with fewer shots, "
         f"{res.num_truncated} cut to --max_length {args.max_length}); {res.seconds:.0f} s, "
@@ -972,5 +979,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    main()
+def cli() -> int:
+    """The console entry point (``python -m train.mmlu``): :func:`main` with one-line errors."""
+    from train.core.cli import run_main
+
+    return run_main(main, prog="train.mmlu")
