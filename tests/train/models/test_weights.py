@@ -17,7 +17,9 @@ from train.models.weights import (
     export_tensors,
     match_tensors,
     normalize_encoder_names,
+    read_safetensors,
     unflatten,
+    write_hf_dir,
 )
 
 MAP = expand_table(ENCODER_TABLE, 1)
@@ -98,3 +100,22 @@ def test_layers_import_downwards_only():
         "assert not loaded('train.models.pretrained'), 'models import loader'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_truncated_or_damaged_weight_files_are_named(tmp_path):
+    """Issue 16.11: safetensors' own error names no file; the loader's does (single file,
+    shard, malformed index)."""
+    one = write_hf_dir(tmp_path / "one", {"model_type": "bert"}, {"w": np.zeros((64, 64))})
+    f = one / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:2048])
+    with pytest.raises(ValueError, match=f"{f} is not a readable safetensors file .*2,048 bytes"):
+        read_safetensors(one)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "a.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": {"w": "a.safetensors"}}')
+    with pytest.raises(ValueError, match=f"{sharded / 'a.safetensors'} is not a readable"):
+        read_safetensors(sharded)
+    (sharded / "model.safetensors.index.json").write_text('{"weights": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not a valid"):
+        read_safetensors(sharded)
