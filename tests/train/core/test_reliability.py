@@ -677,6 +677,20 @@ def test_nan_steps_in_a_row_between_two_log_lines_still_stop_the_run(tmp_path):
     assert not (Path(cfg.output_dir) / "sift_delta.safetensors").exists()
 
 
+def test_non_finite_weights_are_never_exported(tmp_path, capsys):
+    """16.4: every step finite, but a weight of the result is not (here a frozen base tensor
+    the loss never reads): no delta, no model, the run is not marked complete, exit 2."""
+    params = {**toy_params(), "unused": {"kernel": np.array([1.0, np.inf], np.float32)}}
+    cfg = cfg_for(tmp_path)
+    code = cli.run_main(lambda argv: train(cfg, toy_task(), params), [])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("error: The fine-tuned weights are not finite (unused/kernel)")
+    out = Path(cfg.output_dir)
+    assert all(np.isfinite(r["loss"]) for r in _log_rows(out) if "loss" in r)
+    assert not (out / "sift_delta.safetensors").exists() and not is_complete(out)
+
+
 # ------------------------------------------------------------------------------------------
 # 1, 3, 6, 11: resume arithmetic and checks (the toy task, in-process)
 
