@@ -9,6 +9,7 @@ Every subprocess is bounded by a timeout and killed in ``finally``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -747,6 +748,9 @@ def test_a_config_change_on_resume_lists_the_flags(tmp_path, capsys):
     assert "Resume with the original flags (see train_config.json)" in err
 
 
+# orbax leaves the coroutine of the failed read behind; collected (and ignored) here, not in
+# whichever test runs next
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_another_base_model_on_resume_is_a_clear_error(tmp_path, capsys):
     """16.11: the same flags but base weights of another shape: a one-line error, not a raw
     orbax shape error."""
@@ -760,6 +764,7 @@ def test_another_base_model_on_resume_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert "does not fit this run's setup" in err and "resume with the flags" in err
+    gc.collect()
 
 
 def test_unreadable_checksums_and_unknown_steps_are_clear_errors(tmp_path):
