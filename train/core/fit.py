@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from train.core import cli, logs, methods, outputs
+from train.core import cli, logs, methods, outputs, prng
 from train.core import mesh as mesh_lib
 from train.core.checkpoint import Checkpointer, CheckpointError
 from train.core.methods.base import PHASE_TRAIN, Method, TrainState
@@ -433,11 +433,11 @@ def fit(
     s = setup(cfg, task, params, mesh, model)
     method, plan, frozen, base = s.method, s.plan, s.frozen, s.base
     state, schedule = s.state, s.schedule
-    root = jax.random.key(cfg.seed)
     num_all = s.num_all
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.save_total_limit)
     loop = Loop(cfg, task, method, plan, mesh, frozen, out_dir, ckpt, 0)
-    loop.rng = jax.random.fold_in(root, 2)
+    # the dropout key as raw uint32 data (checkpointed as a plain array); see train.core.prng
+    loop.rng = jax.random.key_data(jax.random.fold_in(prng.key(cfg.seed, cfg.dropout_prng), 2))
 
     # ---- resume
     totals: dict = {}
@@ -476,7 +476,8 @@ def fit(
     start_step = loop.step
     try:
         for batch in _batches(task, plan, loop.step):
-            step, rng = loop.step, jax.random.fold_in(loop.rng, loop.step)
+            step = loop.step
+            rng = jax.random.fold_in(prng.wrap(loop.rng, cfg.dropout_prng), step)
             dev = mesh_lib.put_batch(batch, mesh, leading=1 if plan.accum > 1 else 0)
             loop.state, m = s.step(loop.state, dev, rng, step)
             loop.step += 1
