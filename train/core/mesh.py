@@ -14,6 +14,7 @@ On the CPU backend the processes talk through gloo collectives.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -92,6 +93,41 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None) ->
     return True
 
 
+_OUTCOMES = itertools.count()
+
+
+def share_outcome(error: str | None, *, timeout_s: float = 900.0) -> str | None:
+    """Process 0's outcome of a step only it runs (e.g. locking and clearing the output
+    directory), told to every process: process 0 passes ``None`` (it worked) or its error
+    message and gets it back; every other process waits (at most ``timeout_s``) and returns
+    process 0's. Processes must call it in the same order. One process: returns ``error``.
+
+    It goes through the coordination service's key-value store, not a device collective, so it
+    works before any computation and a process never waits longer than ``timeout_s``.
+
+    Example:
+        >>> share_outcome(None), share_outcome("refused")
+        (None, 'refused')
+    """
+    if jax.process_count() == 1:
+        return error
+    from jax._src import distributed  # the coordination service's client (no public API)
+
+    client = distributed.global_state.client
+    key = f"train.core.mesh/outcome/{next(_OUTCOMES)}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, "ok" if error is None else f"error:{error}")
+        return error
+    try:
+        value = client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as e:  # the runtime's timeout / unavailable errors have no common type
+        raise TimeoutError(
+            f"Process 0 did not report within {timeout_s:g} s whether it could take the output "
+            f"directory ({e}); is it running, and did it start with the same flags?"
+        ) from e
+    return None if value == "ok" else value.removeprefix("error:")
+
+
 def parse_mesh(spec: str | None, devices=None) -> Mesh:
     """``'data=2,fsdp=4'`` -> a ``Mesh`` with axes (data, fsdp, tensor); default all on data.
 
@@ -146,19 +182,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every leaf of ``tree`` replicated over ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+    """Every leaf of ``tree`` replicated over ``mesh``.
+
+    In a multi-process run the mesh has devices of other processes, which ``jax.device_put``
+    cannot address: each process then builds its own replicas from its (identical) value.
+
+    Example:
+        >>> x = replicate({"w": np.ones(3)}, parse_mesh("data=1"))["w"]
+        >>> x.sharding.is_fully_replicated, x.tolist()
+        (True, [1.0, 1.0, 1.0])
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: _global_replica(x, sharding), tree)
+
+
+def _global_replica(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same value on every process) as a global array with ``sharding``."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _global_replica(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def onto_mesh(tree: Any, mesh: Mesh) -> Any:
     """Replicates over ``mesh`` every leaf that sits on a single device (a multi-device mesh
-    only), so a step's arguments never mix one-device and mesh placements."""
+    only), so a step's arguments never mix one-device and mesh placements (and a
+    multi-process run holds only global arrays, which orbax can save).
+
+    Example:
+        >>> onto_mesh({"k": np.zeros(2)}, parse_mesh("data=1"))["k"].shape
+        (2,)
+    """
     if mesh.size == 1:
         return tree
 
     def put(x):
         single = isinstance(x, jax.Array) and len(x.sharding.device_set) == 1
-        return jax.device_put(x, replicated(mesh)) if single else x
+        return replicate(x, mesh) if single else x
 
     return jax.tree.map(put, tree)
 

@@ -36,7 +36,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -531,8 +531,11 @@ class OutputDir:
 
     Other processes (``is_primary=False``) never lock nor clear: they wait (at most
     ``wait_timeout`` seconds) for the directory to exist and check that they can write it.
-    All processes should pass a barrier after entering, so that none writes into the
-    directory before the primary has cleared it.
+    With ``share_outcome`` (a multi-process run: :func:`train.core.mesh.share_outcome`) entering
+    is a barrier: the primary publishes whether it took and cleared the directory (``None``, or
+    its error message), every other process waits for that first, so none writes into the
+    directory before the primary has cleared it, and each fails with the primary's reason when
+    the primary was refused (instead of training on until a collective hangs).
 
     On exit the lock is released and its file removed (also when the block raises).
 
@@ -568,6 +571,7 @@ class OutputDir:
         is_primary: bool = True,
         wait_timeout: float = 120.0,
         what: str = "--output_dir",
+        share_outcome: Callable[[str | None], str | None] | None = None,
     ):
         if overwrite and resume:
             raise OutputDirError(
@@ -580,6 +584,7 @@ class OutputDir:
         self.is_primary = is_primary
         self.wait_timeout = wait_timeout
         self.what = what
+        self.share_outcome = share_outcome
         self.previous_holder: dict | None = None
         self._fd: int | None = None
 
@@ -608,18 +613,29 @@ class OutputDir:
         if self.locked:
             return self
         if not self.is_primary:
+            if self.share_outcome is not None:
+                refused = self.share_outcome(None)  # waits for the primary's outcome
+                if refused is not None:
+                    raise OutputDirError(f"process 0 could not take {self.what}: {refused}")
             self._wait_for_dir()
             check_writable(self.path, what=self.what)  # every process writes checkpoint shards
             return self
-        self._make_dir()
-        check_writable(self.path, what=self.what)
-        self._lock()
         try:
-            self._check_contents()
-            self._check_subdirs()
-        except BaseException:
-            self.release()
+            self._make_dir()
+            check_writable(self.path, what=self.what)
+            self._lock()
+            try:
+                self._check_contents()
+                self._check_subdirs()
+            except BaseException:
+                self.release()
+                raise
+        except BaseException as e:
+            if self.share_outcome is not None:
+                self.share_outcome(str(e) or type(e).__name__)
             raise
+        if self.share_outcome is not None:
+            self.share_outcome(None)
         return self
 
     def release(self) -> None:
