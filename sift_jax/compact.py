@@ -8,8 +8,12 @@ selection (inside the backward, from an accumulated score, or per shard / per la
 re-selection, global budgets, checkpoint state with global indices and delta extraction.
 :mod:`sift_jax.nnx` wraps it for Flax NNX models.
 
-The lower-level pieces (scopes and the custom-VJP functions) are here too, for models that
-apply the view per layer inside a scan.
+Scanned models: plan with ``stacked=<the [L, ...] leaves>, layer_views=True``; the plan's
+params then hold each stacked sparse leaf as a :class:`LayerView` (the raw stacked weight and
+its per-layer values and indices; :class:`LayerProbe` at selection), and the model calls
+:func:`apply_layer` on its layer's slice inside the scan body, so the view's gather (and the
+selection probe) act per layer. The lower-level pieces (scopes and the custom-VJP functions)
+are here too.
 """
 
 from sift_jax._src.compact import (
@@ -24,11 +28,15 @@ from sift_jax._src.compact import (
 )
 from sift_jax._src.indexing import (
     PROBE_BASE,
+    LayerProbe,
+    LayerView,
     PerSlice,
     Scope,
     WholeTensor,
+    apply_layer,
     decode_probe,
     encode_probe,
+    is_layer_input,
     probe_fn,
     view_fn,
 )
@@ -39,6 +47,8 @@ __all__ = [
     "BUDGETS",
     "PROBE_BASE",
     "SCOPES",
+    "LayerProbe",
+    "LayerView",
     "Leaf",
     "PerShard",
     "PerSlice",
@@ -47,9 +57,11 @@ __all__ = [
     "Sift",
     "SiftState",
     "WholeTensor",
+    "apply_layer",
     "budget_counts",
     "decode_probe",
     "encode_probe",
+    "is_layer_input",
     "joint_topk",
     "probe_fn",
     "value_and_grad",

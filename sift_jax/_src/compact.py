@@ -120,6 +120,7 @@ class Sift:
     total: int = 0
     seed: int = 0
     value_dtype: Any = np.dtype("float32")
+    layer_views: bool = False
 
     # ------------------------------------------------------------------ construction
 
@@ -140,6 +141,7 @@ class Sift:
         budget: str = "per_tensor",
         seed: int = 0,
         value_dtype: Any = "float32",
+        layer_views: bool = False,
     ) -> Sift:
         """Plans SIFT for ``params`` (arrays, or ``ShapeDtypeStruct``s for ``scope="global"``).
 
@@ -160,12 +162,21 @@ class Sift:
                 ``ceil(k / S)`` within each of a sharded tensor's ``S`` blocks, all per device;
                 needs placed ``params``).
             stacked: leaves whose leading dimension stacks layers (scanned models): their
-                top-k is taken per layer slice (``k`` from the slice's size).
+                top-k is taken per layer slice (``k`` from the slice's size), never jointly
+                across the stack; indices ``int32[L, k]``.
             budget: ``"per_tensor"`` (the paper) or ``"global"``: one budget for all sparse
                 leaves, the joint top-k of the strategy's score across them (each leaf's size
                 is fixed at selection by :meth:`apply_budget`).
             seed: seed for random selection.
             value_dtype: dtype of the trained values (``None``: the leaf's own).
+            layer_views: hand the model each stacked sparse leaf as a
+                :class:`~sift_jax.compact.LayerView` (weight, values, indices; a
+                :class:`~sift_jax.compact.LayerProbe` at in-backward selection) instead of an
+                array, for a scanned model that calls :func:`~sift_jax.compact.apply_layer` on
+                its layer's slice inside the scan body: the view (and the probe) then act per
+                layer, so at most one layer's dense weight gradient is alive at a time
+                (applied outside the scan, the backward scan accumulates the stacked ``dW`` of
+                every layer first). Needs ``stacked``.
 
         Returns:
             The plan.
@@ -178,6 +189,11 @@ class Sift:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
         if budget not in BUDGETS:
             raise ValueError(f"`budget` must be one of {BUDGETS}, got {budget!r}.")
+        if layer_views and stacked is None:
+            raise ValueError(
+                "layer_views=True hands stacked leaves to a scanned model: pass "
+                "`stacked` (the leaves with a leading layer dim)."
+            )
         if budget != "per_tensor":
             if strategy.score is None:
                 raise ValueError(
@@ -234,7 +250,9 @@ class Sift:
                     sc = indexing.WholeTensor(shape, per_tensor_k[p])
             leaves.append(Leaf(p, tuple(kp), role, shape, np.dtype(x.dtype), sc))
         vd = None if value_dtype is None else np.dtype(value_dtype)
-        return cls(treedef, tuple(leaves), strategy, sched, budget, total, int(seed), vd)
+        return cls(
+            treedef, tuple(leaves), strategy, sched, budget, total, int(seed), vd, layer_views
+        )
 
     def resized(self, counts: Mapping[str, int]) -> Sift:
         """The same plan with each sparse leaf training ``counts[path]`` entries (global scope).
@@ -339,18 +357,41 @@ class Sift:
             self._tree(frozen),
         )
 
-    def params(self, trainable: Any, state: SiftState, frozen: Any) -> Any:
+    def params(
+        self, trainable: Any, state: SiftState, frozen: Any, *, layer_views: bool | None = None
+    ) -> Any:
         """The full parameter tree to call the model with, inside the differentiated loss.
 
         Sparse leaves are the merged weights read through :func:`indexing.view_fn` (their
         gradient reaches ``trainable`` as ``grad_W[idx]``), dense leaves come from
-        ``trainable``, the rest from ``frozen``.
+        ``trainable``, the rest from ``frozen``. With ``layer_views`` (default: the plan's)
+        each stacked sparse leaf is instead a :class:`~sift_jax.compact.LayerView` of the raw
+        stacked weight and its per-layer values and indices, for a scanned model that calls
+        :func:`~sift_jax.compact.apply_layer` inside its scan body.
+
+        Example (a scanned model):
+            >>> import jax, jax.numpy as jnp
+            >>> from sift_jax.compact import apply_layer
+            >>> params = {"stack": jax.random.normal(jax.random.key(0), (3, 4, 4))}
+            >>> sift = Sift.create(params, 2, stacked="stack", layer_views=True)
+            >>> t, st, fr = sift.split(params)
+            >>> def loss(p, x):
+            ...     body = lambda h, w: (jnp.tanh(h @ apply_layer(w)), None)
+            ...     return jnp.sum(jax.lax.scan(body, x, p["stack"])[0] ** 2)
+            >>> type(sift.params(t, st, fr)["stack"]).__name__
+            'LayerView'
+            >>> jax.grad(lambda t: loss(sift.params(t, st, fr), jnp.ones((2, 4))))(t)["stack"].shape
+            (3, 2)
         """
+        per_layer = self.layer_views if layer_views is None else layer_views
         t, w, i, f = map(self._flat, (trainable, state.weights, state.indices, frozen))
         out = []
         for leaf, tj, wj, ij, fj in zip(self.leaves, t, w, i, f, strict=True):
             if leaf.role == masks.SPARSE:
-                out.append(indexing.view_fn(leaf.scope)(wj, tj, ij))
+                if per_layer and isinstance(leaf.scope, indexing.PerSlice):
+                    out.append(indexing.LayerView(wj, tj, ij))
+                else:
+                    out.append(indexing.view_fn(leaf.scope)(wj, tj, ij))
             elif leaf.role == masks.DENSE:
                 out.append(tj)
             else:
@@ -519,7 +560,9 @@ class Sift:
         out = []
         for leaf, aj, wj, fj in zip(self.leaves, a, w, f, strict=True):
             if leaf.role == masks.SPARSE:
-                if probing:
+                if probing and self.layer_views and isinstance(leaf.scope, indexing.PerSlice):
+                    out.append(indexing.LayerProbe(wj, aj))
+                elif probing:
                     out.append(indexing.probe_fn(leaf.scope)(wj, aj))
                 else:
                     out.append(wj if aj is None else aj)

@@ -106,35 +106,52 @@ def _auto(fn, out_like: Any, *args, replicated: bool = False):
 # ----------------------------------------------------------------------------- flat ops
 
 
-def unravel(idx: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """Flat indices -> one index array per dimension, so scatters need no reshape.
+_PROMISE = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
-    Truncating div/rem (indices are non-negative): ~10% faster scatters on CPU than
-    ``jnp.unravel_index``, whose floor division and range clipping add per-element work.
 
-    Example:
-        >>> import jax.numpy as jnp
-        >>> [a.tolist() for a in unravel(jnp.array([5]), (2, 3))]
-        [[1], [2]]
-    """
-    if len(shape) <= 1:
-        return (idx,)
-    out = []
-    for d in reversed(shape[1:]):
-        d = jnp.asarray(d, idx.dtype)
-        out.append(jax.lax.rem(idx, d))
-        idx = jax.lax.div(idx, d)
-    return (idx, *reversed(out))
+def _dnums(ndim: int):
+    # one entry per index row: ``ndim`` coordinates into an ``ndim``-D operand
+    dims = tuple(range(ndim))
+    g = jax.lax.GatherDimensionNumbers(
+        offset_dims=(), collapsed_slice_dims=dims, start_index_map=dims
+    )
+    s = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=dims, scatter_dims_to_operand_dims=dims
+    )
+    return g, s
+
+
+def _gather_at(x: jax.Array, coords: jax.Array) -> jax.Array:
+    """``x`` at ``coords`` ``[k, x.ndim]`` (sorted, distinct, in range): a raw ``lax.gather``
+    (``jnp`` indexing would first write a copy of the indices with negatives wrapped)."""
+    return jax.lax.gather(
+        x,
+        coords,
+        _dnums(x.ndim)[0],
+        (1,) * x.ndim,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=_PROMISE,
+    )
+
+
+def _set_at(w: jax.Array, coords: jax.Array, values: jax.Array) -> jax.Array:
+    """``w`` with ``values`` at ``coords`` ``[k, w.ndim]``: a raw ``lax.scatter``."""
+    return jax.lax.scatter(
+        w,
+        coords,
+        values.astype(w.dtype),
+        _dnums(w.ndim)[1],
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=_PROMISE,
+    )
 
 
 def _gather_flat(x: jax.Array, idx: jax.Array) -> jax.Array:
-    # A gather through the flat view: a reshape costs nothing here (unlike before a scatter
-    # that should run in place) and a 1-D gather is ~30% faster on CPU than an unravelled one.
-    return (
-        x.reshape(-1)
-        .at[idx]
-        .get(mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True)
-    )
+    # A 1-D gather through the flat view (the reshapes are bitcasts, so no index array is
+    # built): ~30% faster on CPU than one at unravelled indices.
+    return _gather_at(x.reshape(-1), idx.reshape(-1, 1))
 
 
 def gather(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -148,19 +165,39 @@ def gather(x: jax.Array, idx: jax.Array) -> jax.Array:
     return _auto(_gather_flat, x, x, idx, replicated=True)
 
 
+def _unravel(idx: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    # flat -> per-dimension indices (truncating div/rem: the indices are non-negative)
+    out = []
+    for d in reversed(shape[1:]):
+        d = jnp.asarray(d, idx.dtype)
+        out.append(jax.lax.rem(idx, d))
+        idx = jax.lax.div(idx, d)
+    return (idx, *reversed(out))
+
+
 def _scatter_at(w: jax.Array, idx: jax.Array, values: jax.Array, op: str) -> jax.Array:
+    # ``set`` (the compact path's in-place write into the donated merged weights): a 1-D
+    # scatter through the flat view. The reshapes are bitcasts, so a donated ``w`` is still
+    # written in place, and no index array is built (unravelled indices were ``s32[k, ndim]``:
+    # 8 B per trained value on 2-D leaves); faster on CPU too.
+    # ``add`` (the transform's ``params + scatter_add(zeros, idx, u)``): per-dimension indices
+    # into the unreshaped leaf, so XLA folds the add into ONE in-place scatter-add into the
+    # donated params (a reshape between them hides the pattern: 2-4x slower steps).
     values = values.astype(w.dtype)
     if w.ndim == 0:
         return values.reshape(()) if op == "set" else w + values.reshape(())
-    at = w.at[unravel(idx, w.shape)]
-    kw = {"indices_are_sorted": True, "unique_indices": True}
-    return at.set(values, **kw) if op == "set" else at.add(values, **kw)
+    if op == "set":
+        return _set_at(w.reshape(-1), idx.reshape(-1, 1), values.reshape(-1)).reshape(w.shape)
+    kw = {"indices_are_sorted": True, "unique_indices": True, "mode": "promise_in_bounds"}
+    return w.at[_unravel(idx, w.shape)].add(values, **kw)
 
 
 def scatter(w: jax.Array, idx: jax.Array, values: jax.Array, op: str = "set") -> jax.Array:
     """``w`` with ``values`` set (``op="set"``) or added (``"add"``) at flat ``idx``.
 
-    Written without reshapes so that XLA performs it in place when ``w`` is donated.
+    Performed in place when ``w`` is donated (``set``: a 1-D scatter through the flat view,
+    whose reshapes are bitcasts; ``add``: at per-dimension indices, so that XLA folds
+    ``params + scatter_add(zeros, ...)`` into one in-place scatter-add).
 
     Example:
         >>> import jax.numpy as jnp
@@ -179,6 +216,11 @@ def topk(score: jax.Array, k: int) -> jax.Array:
         [1, 2]
     """
     return _auto(lambda s: selection_lib.topk_indices(s, k), score, score, replicated=True)
+
+
+def _row_coords(row: jax.Array, idx: jax.Array) -> jax.Array:
+    """``[k, 2]`` coordinates ``(row, idx_j)`` into a ``[rows, n]`` operand."""
+    return jnp.stack([jnp.broadcast_to(row, idx.shape).astype(idx.dtype), idx], axis=1)
 
 
 # ----------------------------------------------------------------------------- scopes
@@ -322,11 +364,33 @@ class PerSlice(Scope):
     def placeholder(self) -> jax.Array:
         return jnp.broadcast_to(jnp.arange(self.k, dtype=jnp.int32), self.index_shape)
 
+    def _rows(self, x, idx):
+        n = math.prod(self.groups)
+        return x.reshape(n, self.slice_size), idx.reshape(n, idx.shape[-1])
+
     def gather(self, x, idx):
-        return _auto(self._vmap(_gather_flat, 2), x, x, idx, replicated=True)
+        # one slice at a time (a vmapped gather is normalised by XLA into one gather at
+        # [L * k, 2] coordinates, an 8 B per value index array); coordinates [k, 2] per slice
+        def f(x, idx):
+            x2, i2 = self._rows(x, idx)
+            rows = jnp.arange(i2.shape[0], dtype=i2.dtype)
+            out = jax.lax.map(lambda a: _gather_at(x2, _row_coords(a[0], a[1])), (rows, i2))
+            return out.reshape(idx.shape)
+
+        return _auto(f, x, x, idx, replicated=True)
 
     def write(self, w, idx, values, op="set"):
-        return _auto(self._vmap(functools.partial(_scatter_at, op=op), 3), w, w, idx, values)
+        if op != "set":
+            return _auto(self._vmap(functools.partial(_scatter_at, op=op), 3), w, w, idx, values)
+
+        # in place, one slice at a time (a loop over the donated buffer; see :meth:`gather`)
+        def f(w, idx, values):
+            w2, i2 = self._rows(w, idx)
+            v2 = values.reshape(i2.shape).astype(w.dtype)
+            body = lambda r, w2: _set_at(w2, _row_coords(r, i2[r]), v2[r])
+            return jax.lax.fori_loop(0, i2.shape[0], body, w2).reshape(w.shape)
+
+        return _auto(f, w, w, idx, values)
 
     def _keys(self, key):
         n = math.prod(self.groups)
@@ -443,3 +507,101 @@ def probe_fn(scope: Scope):
 
     probe.defvjp(fwd, bwd)
     return probe
+
+
+# ----------------------------------------------------------------------------- scanned layers
+
+
+def _lead_scope(shape: tuple[int, ...], k: int, lead: int) -> Scope:
+    return WholeTensor(shape, k) if lead == 0 else PerSlice(shape, k, lead=lead)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """A stacked sparse leaf as a scanned model receives it: the merged ``weight``
+    ``[L, ...]``, the trained ``values`` ``[L, k]`` and the ``indices`` ``[L, k]`` (flat within
+    each layer slice). A pytree whose children all lead with the layer dim, so ``lax.scan``
+    (or ``nnx.scan``) over the stack hands the body one layer's ``(w_l, values_l, idx_l)``;
+    :func:`apply_layer` there turns it into that layer's weight, whose backward gathers the
+    layer's dense gradient into ``values_l`` at once (one layer's ``dW`` alive at a time).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w, i = jnp.arange(12.0).reshape(2, 6), jnp.array([[0, 5], [1, 2]])
+        >>> def loss(v):
+        ...     def body(h, lv):
+        ...         return h + jnp.sum(apply_layer(lv) ** 2), None
+        ...     return jax.lax.scan(body, 0.0, LayerView(w, v, i))[0]
+        >>> jax.grad(loss)(jnp.zeros((2, 2))).tolist()
+        [[0.0, 10.0], [14.0, 16.0]]
+    """
+
+    weight: jax.Array
+    values: jax.Array
+    indices: jax.Array
+
+    def apply(self) -> jax.Array:
+        """The weight read through :func:`view_fn` (per slice if still stacked)."""
+        lead = self.indices.ndim - 1
+        scope = _lead_scope(tuple(self.weight.shape), self.indices.shape[-1], lead)
+        return view_fn(scope)(self.weight, self.values, self.indices)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerProbe:
+    """A stacked sparse leaf at an in-backward selection step: the ``weight`` ``[L, ...]`` and
+    the zero ``probe`` ``[L, 3, width]``; :func:`apply_layer` inside the scan body reads the
+    layer's weight through :func:`probe_fn`, so the layer's top-``width`` of ``|dW|`` is taken
+    in the backward of that layer.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jnp.array([[1.0, -3.0, 2.0], [0.5, 0.0, 4.0]])
+        >>> def loss(pr):
+        ...     body = lambda h, lp: (h + jnp.sum(apply_layer(lp) ** 2), None)
+        ...     return jax.lax.scan(body, 0.0, LayerProbe(w, pr))[0]
+        >>> decode_probe(jax.grad(loss)(jnp.zeros((2, 3, 1)))).tolist()
+        [[1], [2]]
+    """
+
+    weight: jax.Array
+    probe: jax.Array
+
+    def apply(self) -> jax.Array:
+        """The weight read through :func:`probe_fn` (per slice if still stacked)."""
+        lead = self.probe.ndim - 2
+        width = self.probe.shape[-1]
+        return probe_fn(_lead_scope(tuple(self.weight.shape), width, lead))(self.weight, self.probe)
+
+
+def is_layer_input(x: Any) -> bool:
+    """Whether ``x`` is a :class:`LayerView` or :class:`LayerProbe` (an ``is_leaf`` for tree
+    maps over params that may hold them).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> probe = LayerProbe(jnp.ones(2), jnp.zeros((3, 1)))
+        >>> is_layer_input(jnp.zeros(2)), is_layer_input(probe)
+        (False, True)
+    """
+    return isinstance(x, LayerView | LayerProbe)
+
+
+def apply_layer(tree: Any) -> Any:
+    """``tree`` (one layer's slice of a scanned model's params, inside the scan body) with every
+    :class:`LayerView` / :class:`LayerProbe` replaced by the layer's weight read through the
+    compact path's custom VJP; other leaves unchanged (a no-op on plain params). Works on any
+    pytree (dicts, ``nnx.State``); applied to an unsliced stack it views the whole stack (per
+    slice), which is correct but keeps the stacked dense gradient.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> p = {"w": LayerView(jnp.ones(4), jnp.zeros(2), jnp.array([0, 3])), "b": jnp.zeros(2)}
+        >>> {k: v.shape for k, v in apply_layer(p).items()}
+        {'b': (2,), 'w': (4,)}
+    """
+    return jax.tree.map(
+        lambda x: x.apply() if is_layer_input(x) else x, tree, is_leaf=is_layer_input
+    )

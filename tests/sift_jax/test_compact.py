@@ -337,3 +337,110 @@ def test_nnx_model_trains_with_nnx_optimizer_and_only_selected_weights_move():
         )
     delta = model.delta(before)
     jax.tree.map(np.testing.assert_array_equal, sift_jax.merge_delta(before, delta), model.merged())
+
+
+def _scanned_loss(p, batch, rng):
+    """A 3-layer tanh MLP whose layers are a lax.scan over p["stack"] (apply_layer inside)."""
+    body = lambda h, w: (jnp.tanh(h @ compact.apply_layer(w)), None)
+    h, _ = jax.lax.scan(body, batch, p["stack"])
+    return jnp.sum(h**2)
+
+
+def _unrolled_loss(p, batch, rng):
+    h = batch
+    for i in range(3):
+        h = jnp.tanh(h @ p[str(i)])
+    return jnp.sum(h**2)
+
+
+@pytest.mark.parametrize("kw", [{}, {"selection_steps": 2}, {"update_on_selection": True}])
+def test_layer_views_in_a_scan_train_like_the_unstacked_model(kw):
+    """Issue 15: with layer_views the stacked leaf reaches the scan body as a LayerView (a
+    LayerProbe at selection); losses and indices equal the unstacked model's."""
+    layers = [jax.random.normal(k, (6, 6)) * 0.5 for k in jax.random.split(K[4], 3)]
+    x = jax.random.normal(K[0], (10, 6))
+    runs = {}
+    for name, params, loss, extra in [
+        ("flat", {str(i): w for i, w in enumerate(layers)}, _unrolled_loss, {}),
+        ("scan", {"stack": jnp.stack(layers)}, _scanned_loss, {"stacked": "stack"}),
+    ]:
+        sift = compact.Sift.create(params, 0.2, layer_views=name == "scan", **extra, **kw)
+        t, st, fr = sift.split(params)
+        tx = optax.adam(0.05)
+        o = tx.init(t)
+        select = jax.jit(sift.selection_step(loss, tx), static_argnames="last")
+        train = jax.jit(sift.train_step(loss, tx))
+        score = {} if sift.can_probe() else sift.zero_score(st)
+        losses = []
+        for step in range(6):
+            phase = sift.schedule.phase(step)
+            if phase == "train":
+                t, o, st, aux = train(t, o, st, fr, x, None)
+            else:
+                last = phase != "accumulate"
+                t, o, st, score, aux = select(t, o, st, fr, score, x, None, step, last=last)
+            losses.append(float(aux["loss"]))
+        runs[name] = (losses, sift.global_indices(st), sift, t, st, fr)
+    np.testing.assert_allclose(runs["scan"][0], runs["flat"][0], rtol=1e-6)
+    per_layer = runs["scan"][1]["stack"].reshape(3, -1) - np.arange(3)[:, None] * 36
+    for i in range(3):
+        np.testing.assert_array_equal(per_layer[i], runs["flat"][1][str(i)])
+    sift, t, st, fr = runs["scan"][2:]
+    assert isinstance(sift.params(t, st, fr)["stack"], compact.LayerView)
+    assert not isinstance(sift.params(t, st, fr, layer_views=False)["stack"], compact.LayerView)
+
+
+def test_layer_views_keep_one_layers_dense_gradient_alive_not_the_stack():
+    """The point of layer_views: the backward scan gathers each layer's dW at once instead of
+    stacking every layer's dW (compiled temporaries far below the stack's size)."""
+    n_layers, d = 16, 256
+    params = {"stack": jax.ShapeDtypeStruct((n_layers, d, d), jnp.float32)}
+    x = jax.ShapeDtypeStruct((8, d), jnp.float32)
+    stack_bytes = n_layers * d * d * 4
+    temps = {}
+    for lv in (False, True):
+        sift = compact.Sift.create(params, 0.01, stacked="stack", layer_views=lv)
+        t, st, _ = jax.eval_shape(sift.split, params)
+        tx = optax.adam(0.1)
+        o = jax.eval_shape(tx.init, t)
+        for name, fn, a in [
+            ("train", jax.jit(sift.train_step(_scanned_loss, tx)), (t, o, st, {"stack": None}, x)),
+            (
+                "select",
+                jax.jit(sift.selection_step(_scanned_loss, tx), static_argnames="last"),
+                (t, o, st, {"stack": None}, {}, x),
+            ),
+        ]:
+            extra = (None, 0) if name == "select" else (None,)
+            kw = {"last": True} if name == "select" else {}
+            mem = fn.lower(*a, *extra, **kw).compile().memory_analysis()
+            temps[lv, name] = mem.temp_size_in_bytes
+    assert temps[False, "train"] >= stack_bytes and temps[False, "select"] >= stack_bytes
+    assert temps[True, "train"] < stack_bytes / 3 and temps[True, "select"] < stack_bytes / 3
+
+
+def test_layer_views_need_stacked_leaves():
+    with pytest.raises(ValueError, match="pass `stacked`"):
+        compact.Sift.create({"w": jnp.ones((2, 3))}, 1, layer_views=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_write_scatters_in_place_with_flat_indices(dtype):
+    """The write after an update is a 1-D scatter into the donated weights (a stacked leaf:
+    one slice at a time): the output aliases the input, no weight-sized temporary and no
+    [k, ndim] index arrays (8 B per trained value before)."""
+    params = {
+        "w": jax.ShapeDtypeStruct((512, 768), dtype),
+        "s": jax.ShapeDtypeStruct((4, 64, 96), dtype),
+    }
+    sift = compact.Sift.create(params, 0.05, stacked="s")
+    t, st, _ = jax.eval_shape(sift.split, params)
+    c = jax.jit(sift.write, donate_argnums=1).lower(t, st).compile()
+    mem = c.memory_analysis()
+    w_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st.weights))
+    assert mem.alias_size_in_bytes >= w_bytes
+    if dtype == "float32":  # (XLA:CPU scatters bf16 through an fp32 copy: a CPU-only pass)
+        idx_bytes = sum(x.size * 4 for x in jax.tree.leaves(st.indices))
+        assert mem.temp_size_in_bytes < idx_bytes / 8, (mem.temp_size_in_bytes, idx_bytes)
+    hlo = c.as_text()
+    assert "s32[19661,2]" not in hlo and "scatter" in hlo
