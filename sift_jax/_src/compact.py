@@ -744,26 +744,40 @@ class Sift:
 
 
 def joint_topk(scores: Mapping[str, np.ndarray], total: int) -> dict[str, np.ndarray]:
-    """Positions (into each array) of the ``total`` largest entries across all arrays; every
-    array keeps at least its largest entry.
+    """Positions (into each array) of the ``total`` largest entries across all arrays, with
+    every array keeping at least its largest entry (which then replaces the weakest winner of an
+    array that has several, so exactly ``total`` are chosen).
 
     Example:
         >>> import numpy as np
         >>> out = joint_topk({"a": np.array([5.0, 1.0]), "b": np.array([4.0, 3.0, 0.5])}, 3)
         >>> {k: v.tolist() for k, v in out.items()}
         {'a': [0], 'b': [0, 1]}
+        >>> out = joint_topk({"a": np.array([5.0, 4.0]), "b": np.array([0.1])}, 2)
+        >>> {k: v.tolist() for k, v in out.items()}
+        {'a': [0], 'b': [0]}
     """
     names = list(scores)
     vals = [np.asarray(scores[n], np.float64).reshape(-1) for n in names]
     owner = np.concatenate([np.full(v.shape, i) for i, v in enumerate(vals)])
     pos = np.concatenate([np.arange(v.size) for v in vals])
     flat = np.concatenate(vals)
-    order = np.argsort(-flat, kind="stable")[: min(total, flat.size)]
-    out = {n: np.sort(pos[order][owner[order] == i]) for i, n in enumerate(names)}
-    for i, n in enumerate(names):
-        if out[n].size == 0 and vals[i].size:
-            out[n] = np.array([int(np.argmax(vals[i]))])
-    return out
+    total = min(total, flat.size)
+    order = list(np.argsort(-flat, kind="stable")[:total])
+    chosen = np.bincount(owner[order], minlength=len(vals))
+    for i, v in enumerate(vals):
+        if chosen[i] or not v.size:
+            continue
+        # the weakest winner of an array with several gives its place to this array's best
+        for j in range(len(order) - 1, -1, -1):
+            if chosen[owner[order[j]]] > 1:
+                chosen[owner[order[j]]] -= 1
+                del order[j]
+                break
+        order.append(int(np.flatnonzero(owner == i)[np.argmax(v)]))
+        chosen[i] = 1
+    order = np.asarray(order, np.int64)
+    return {n: np.sort(pos[order][owner[order] == i]) for i, n in enumerate(names)}
 
 
 def budget_counts(scores: Any, total: int, *, sparse: masks.LeafSpec | None = None) -> dict:
