@@ -22,7 +22,12 @@ Parameter paths (``/``-joined ``nnx.to_pure_dict`` keys)::
     lm_head/kernel                                       [hidden, vocab] (untied only)
 
 With ``scan_layers=True`` the index disappears (``model/layers/self_attn/q_proj/kernel``,
-stacked on a leading ``[num_hidden_layers]`` dim).
+stacked on a leading ``[num_hidden_layers]`` dim) and the layers run in a ``lax.scan``
+(:func:`train.models.layers.scan_layers`: SIFT's per-layer views are applied in its body).
+
+Sequences longer than ``attention_chunk`` (default 512) attend in query blocks of that size
+(:func:`train.models.layers.attention`: the same numbers, one block's ``[b, h, block, t]``
+scores at a time).
 
 Positions: by default ``cumsum(attention_mask) - 1`` (so left padding works); packed rows pass
 ``segment_ids`` and ``positions``.
@@ -43,6 +48,7 @@ from train.models.layers import (
     Linear,
     RMSNorm,
     activation,
+    attention,
     attention_weights,
     make_layers,
     run_layers_collect,
@@ -57,7 +63,7 @@ from train.models.weights.mapping import (
 
 DECODER_TYPES = ("llama", "mistral", "qwen2")
 #: config fields that are JAX options, never read from an HF config.json
-JAX_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat")
+JAX_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_chunk")
 
 
 @dataclasses.dataclass
@@ -95,6 +101,9 @@ class LlamaConfig:
     param_dtype: str = "float32"  # parameter dtype
     scan_layers: bool = False  # stack layers and lax.scan over them
     remat: bool = False  # gradient checkpointing per layer
+    # queries per attention block when a sequence is longer (exact; bounds the [b, h, s, s]
+    # scores / probabilities to one block); 0: never blocked
+    attention_chunk: int = 512
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # other HF fields (export)
 
     def __post_init__(self):
@@ -352,11 +361,14 @@ class Attention(nnx.Module):
             )
             cache = {"k": k, "v": v}
         rep = nh // nkv
-        kk, vv = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        w = attention_weights(q, kk.astype(q.dtype), mask, x.dtype)
-        w = self.dropout(w, deterministic=deterministic, rngs=rngs)
-        o = jnp.einsum("bhst,bthd->bshd", w, vv.astype(w.dtype)).reshape(b, s, nh * hd)
-        return self.o_proj(o), cache
+        kk, vv = jnp.repeat(k, rep, axis=2).astype(q.dtype), jnp.repeat(v, rep, axis=2)
+        if deterministic or not cfg.attention_dropout:
+            o = attention(q, kk, vv, mask, x.dtype, q_chunk=cfg.attention_chunk or None)
+        else:  # dropout on the probabilities: unblocked
+            w = attention_weights(q, kk, mask, x.dtype)
+            w = self.dropout(w, deterministic=deterministic, rngs=rngs)
+            o = jnp.einsum("bhst,bthd->bshd", w, vv.astype(w.dtype))
+        return self.o_proj(o.reshape(b, s, nh * hd)), cache
 
 
 class MLP(nnx.Module):

@@ -8,10 +8,13 @@ in :mod:`train.models.weights.mapping` transpose.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sift_jax.compact import apply_layer
 
 Dtype = jnp.dtype | str
 
@@ -164,6 +167,56 @@ def attention_weights(
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    dtype: Dtype,
+    *,
+    q_chunk: int | None = None,
+) -> jax.Array:
+    """``softmax(q k^T / sqrt(d)) v`` ``[b, s, h, d]`` (:func:`attention_weights`' scores).
+
+    With ``q_chunk`` and more queries than that, the queries go in blocks of ``q_chunk`` (a
+    ``lax.map`` of a ``jax.checkpoint``-ed block): every query row computes exactly what it
+    computes unblocked (softmax rows are independent), but only one block's ``[b, h, q_chunk,
+    t]`` scores and probabilities exist at a time, in the forward and in the backward (which
+    recomputes them per block) instead of ``[b, h, s, t]`` per layer. ``q`` ``[b, s, h, d]``,
+    ``k`` / ``v`` ``[b, t, h, d]``, ``mask`` bool broadcastable to ``[b, h, s, t]``.
+
+    Example:
+        >>> ks = jax.random.split(jax.random.key(0), 3)
+        >>> q, k, v = (jax.random.normal(x, (1, 6, 2, 4)) for x in ks)
+        >>> m = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+        >>> a = attention(q, k, v, m, jnp.float32)
+        >>> b = attention(q, k, v, m, jnp.float32, q_chunk=4)  # blocks of 4 + 2 (padded)
+        >>> bool(jnp.allclose(a, b, atol=1e-6))
+        True
+    """
+
+    def full(q, k, v, mask):
+        w = attention_weights(q, k, mask, dtype)
+        return jnp.einsum("bhst,bthd->bshd", w, v.astype(w.dtype))
+
+    b, s, h, d = q.shape
+    if not q_chunk or s <= q_chunk:
+        return full(q, k, v, mask)
+    t = k.shape[1]
+    n = -(-s // q_chunk)
+    pad = n * q_chunk - s
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qb = qb.reshape(b, n, q_chunk, h, d).swapaxes(0, 1)  # [n, b, c, h, d]
+    if mask is None:
+        mask = jnp.ones((1, 1, s, t), bool)
+    mask = jnp.broadcast_to(mask, (*mask.shape[:2], s, t))
+    mb = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))  # padded rows: sliced off below
+    mb = mb.reshape(*mask.shape[:2], n, q_chunk, t).transpose(2, 0, 1, 3, 4)
+    block = jax.checkpoint(full)
+    out = jax.lax.map(lambda a: block(a[0], k, v, a[1]), (qb, mb))  # [n, b, c, h, d]
+    return out.swapaxes(0, 1).reshape(b, n * q_chunk, h, d)[:, :s]
+
+
 def stacked(factory: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
     """``n`` layers built by ``factory`` as one module whose params have a leading ``[n]`` dim
     (for :func:`run_layers` with ``scan=True``)."""
@@ -186,6 +239,45 @@ def make_layers(
     return nnx.Dict({str(i): factory(rngs) for i in range(n)})
 
 
+def scan_layers(
+    layers: nnx.Module,
+    x: jax.Array,
+    xs: Any,
+    step: Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]],
+    *,
+    remat: bool,
+) -> tuple[jax.Array, Any]:
+    """``lax.scan`` of ``step(layer, h, xs_i) -> (h, out_i)`` over a stacked layer module.
+
+    The body rebuilds one layer from its slice of the stacked params after
+    :func:`sift_jax.compact.apply_layer`, so SIFT's stacked sparse leaves (``LayerView`` /
+    ``LayerProbe``, from a plan with ``layer_views=True``) are read through the compact view
+    per layer: the backward gathers each layer's dense weight gradient into its ``k`` values
+    before the next layer's is computed. Plain params pass through unchanged. With ``remat``
+    the body is ``jax.checkpoint``-ed: the forward saves only each layer's input ``h`` and the
+    backward recomputes one layer at a time.
+
+    Example:
+        >>> from flax import nnx
+        >>> f = lambda r: Linear(2, 2, (None, None), use_bias=False, rngs=r)
+        >>> stack = stacked(f, 3, nnx.Rngs(0))
+        >>> h, out = scan_layers(stack, jnp.ones((1, 2)), jnp.arange(3),
+        ...                      lambda m, h, i: (m(h), i * 2), remat=True)
+        >>> h.shape, out.tolist()
+        ((1, 2), [0, 2, 4])
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(h, inp):
+        st, e = inp
+        return step(nnx.merge(graphdef, apply_layer(st)), h, e)
+
+    if remat:
+        # prevent_cse is unneeded inside scan (the loop keeps the recompute in the backward)
+        body = jax.checkpoint(body, prevent_cse=False)
+    return jax.lax.scan(body, x, (state, xs))
+
+
 def run_layers(
     layers: nnx.Module,
     n: int,
@@ -196,20 +288,16 @@ def run_layers(
     scan: bool,
     remat: bool,
 ) -> jax.Array:
-    """Applies ``step(layer, x, layer_key) -> x`` over the layers, scanned and/or rematerialised.
+    """Applies ``step(layer, x, layer_key) -> x`` over the layers, scanned (see
+    :func:`scan_layers`) and/or rematerialised.
 
     ``key`` (or ``None``) is split into one dropout key per layer.
     """
     keys = jax.random.split(key, n) if key is not None else jnp.zeros((n, 2), jnp.uint32)
+    if scan:
+        return scan_layers(layers, x, keys, lambda m, h, k: (step(m, h, k), None), remat=remat)[0]
     if remat:
         step = nnx.remat(step)
-    if scan:
-
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(layer, h, k):
-            return step(layer, h, k)
-
-        return body(layers, x, keys)
     for i in range(n):
         x = step(layers[str(i)], x, keys[i])
     return x
@@ -227,15 +315,10 @@ def run_layers_collect(
 ) -> tuple[jax.Array, object]:
     """Like :func:`run_layers` for ``step(layer, x, extra_i) -> (x, out_i)`` where ``extra`` and
     the returned ``out`` are pytrees with a leading layer dim (e.g. a KV cache)."""
+    if scan:
+        return scan_layers(layers, x, extra, step, remat=remat)
     if remat:
         step = nnx.remat(step)
-    if scan:
-
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-        def body(layer, h, e):
-            return step(layer, h, e)
-
-        return body(layers, x, extra)
     outs = []
     for i in range(n):
         x, o = step(layers[str(i)], x, jax.tree.map(lambda a, i=i: a[i], extra))
