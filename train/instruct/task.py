@@ -16,11 +16,11 @@ from train.core import logs
 from train.core import mesh as mesh_lib
 from train.core.config import TrainConfig, flag, parse_args
 from train.core.fit import TrainResult, fit, log_errors, open_output_dir
+from train.core.methods.sift import scan_layers_for
 from train.core.outputs import write_json_atomic
 from train.core.task import Task
-from train.generate import load_decoder
 from train.instruct import data as idata
-from train.models.pretrained import Pretrained
+from train.models.pretrained import Pretrained, load_pretrained
 
 log = logging.getLogger("train")
 
@@ -388,7 +388,13 @@ def run(cfg: InstructConfig, model: Pretrained | None = None) -> dict:
 
 def _run(cfg: InstructConfig, model, mesh, out, t0) -> dict:
     dtype = "bfloat16" if cfg.bf16 else cfg.dtype
-    model = model or load_decoder(cfg.model_name_or_path, dtype, remat=cfg.gradient_checkpointing)
+    model = model or load_pretrained(
+        cfg.model_name_or_path,
+        head="causal_lm",
+        dtype=dtype,
+        remat=cfg.gradient_checkpointing,
+        scan_layers=scan_layers_for(cfg),  # SIFT: view and selection per layer in the scan
+    )
     tok = model.tokenizer
     cset = answer_ids = eval_arrays = None
     max_train = cfg.max_train_samples

@@ -5,11 +5,21 @@ What trains: the selected weights of the ``--sparse_module`` tensors (fp32 ``k``
 the dense ``--sparse_exception`` tensors; the targeted weights live merged in donated buffers
 updated in place; everything else is frozen and gets no gradient. Selection, re-selection and
 global budgets run as the plan's schedule says, through the library's selection step.
+
+Scanned models (``--gradient_checkpointing`` loads the layers stacked, see
+:func:`scan_layers_for`): every leaf under a stacked ``.../layers`` node (a dict named
+``layers`` whose keys are not layer numbers) is planned ``stacked`` (top-k per layer slice,
+the indices the unscanned model selects) with ``layer_views=True``, so the model's scan body
+applies the compact view and the selection probe per layer. Checkpoints keep the stacked paths
+(a resumed run has the same flags); the delta is written with the unscanned paths
+(``.../layers/3/...``, per-layer indices), so it is interchangeable with an unscanned run's.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +27,7 @@ import numpy as np
 
 import sift_jax
 from sift_jax import compact
+from sift_jax.paths import flatten_paths, unflatten_paths
 from train.core.config import OptimConfig, SiftConfig, section
 from train.core.methods import register
 from train.core.methods.base import Method, TrainState, check_patterns
@@ -27,6 +38,99 @@ DELTA_FILE = "sift_delta.safetensors"
 
 def _is_abstract(params) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+
+
+def stacked_layer_paths(params: Any) -> list[str]:
+    """``/``-joined paths of the scanned layer stacks in a nested-dict ``params``: dicts named
+    ``layers`` whose keys are not layer numbers (an unscanned model's ``layers`` holds ``"0"``,
+    ``"1"``, ...).
+
+    Example:
+        >>> stacked_layer_paths({"model": {"layers": {"mlp": {"kernel": np.zeros((2, 3, 3))}}}})
+        ['model/layers']
+        >>> stacked_layer_paths({"model": {"layers": {"0": {"kernel": np.zeros((3, 3))}}}})
+        []
+    """
+    out = []
+
+    def walk(node, prefix):
+        for key, sub in node.items():
+            if not isinstance(sub, dict):
+                continue
+            path = f"{prefix}{key}"
+            if key == "layers" and sub and not all(str(k).isdigit() for k in sub):
+                out.append(path)
+            else:
+                walk(sub, path + "/")
+
+    if isinstance(params, dict):
+        walk(params, "")
+    return out
+
+
+def scan_layers_for(cfg) -> bool:
+    """Whether a job loads its model with stacked (scanned) layers: under
+    ``--gradient_checkpointing`` for SIFT when the plan can select per layer slice
+    (``--sift_budget per_tensor``, ``--selection_scope global``); the other methods and
+    settings keep the unscanned model with per-layer remat.
+
+    Example:
+        >>> from train.core.config import TrainConfig
+        >>> scan_layers_for(TrainConfig(gradient_checkpointing=True))
+        True
+        >>> scan_layers_for(TrainConfig(gradient_checkpointing=True, sift_budget="global"))
+        False
+    """
+    return (
+        bool(getattr(cfg, "gradient_checkpointing", False))
+        and getattr(cfg, "finetuning_type", "sift") == "sift"
+        and getattr(cfg, "sift_budget", "per_tensor") == "per_tensor"
+        and getattr(cfg, "selection_scope", "global") == "global"
+    )
+
+
+def unstack_delta_inputs(
+    merged: Any, base: Any, indices: dict[str, np.ndarray], layers_paths: list[str]
+) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """``(merged, base, indices)`` of a scanned model with the unscanned model's paths: each
+    stacked leaf ``<stack>/<rest>`` ``[L, ...]`` becomes ``<stack>/<l>/<rest>`` and its global
+    flat indices over the stack become each layer's flat indices (host numpy).
+
+    Example:
+        >>> m = {"layers": {"w": np.arange(6.0).reshape(2, 3)}}
+        >>> _, _, idx = unstack_delta_inputs(m, m, {"layers/w": np.array([1, 3, 5])}, ["layers"])
+        >>> {p: i.tolist() for p, i in idx.items()}
+        {'layers/0/w': [1], 'layers/1/w': [0, 2]}
+    """
+
+    def unstack(tree):
+        flat, out = flatten_paths(tree), {}
+        for path, x in flat.items():
+            stack = next((s for s in layers_paths if path.startswith(s + "/")), None)
+            if stack is None:
+                out[path] = x
+                continue
+            rest = path[len(stack) + 1 :]
+            x = np.asarray(x)
+            for layer in range(x.shape[0]):
+                out[f"{stack}/{layer}/{rest}"] = x[layer]
+        return out
+
+    flat_m = flatten_paths(merged)
+    new_idx = {}
+    for path, idx in indices.items():
+        stack = next((s for s in layers_paths if path.startswith(s + "/")), None)
+        if stack is None:
+            new_idx[path] = np.asarray(idx)
+            continue
+        shape = tuple(flat_m[path].shape)
+        per = int(np.prod(shape[1:]))
+        idx = np.asarray(idx, np.int64)
+        rest = path[len(stack) + 1 :]
+        for layer in range(shape[0]):
+            sel = idx[(idx >= layer * per) & (idx < (layer + 1) * per)] - layer * per
+            new_idx[f"{stack}/{layer}/{rest}"] = sel.astype(np.int32)
+    return unflatten_paths(unstack(merged)), unflatten_paths(unstack(base)), new_idx
 
 
 @register
@@ -52,6 +156,8 @@ class Sift(Method):
             check_patterns(params, sc.sparse_exception, "--sparse_exception")
         self.cfg = sc
         self.save_delta = cfg.save_delta
+        self.layers_paths = stacked_layer_paths(params)
+        stacked = [f"^{re.escape(p)}/" for p in self.layers_paths] or None
         self.plan = compact.Sift.create(
             params,
             sc.sparse_rate,
@@ -64,6 +170,8 @@ class Sift(Method):
             scope=sc.selection_scope,
             budget=sc.sift_budget,
             seed=cfg.seed,
+            stacked=stacked,
+            layer_views=stacked is not None,
         )
         self.base = params
         self.optimizer = adamw(section(cfg, OptimConfig), schedule)
@@ -220,7 +328,19 @@ class Sift(Method):
             return []
         touched = self.plan.touched(state.buffers, state.extra.get("touched"))  # collective
         if primary:
-            delta = self.plan.extract(merged, base_params, touched)
+            if self.layers_paths:  # scanned: the unscanned model's paths and indices
+                delta = self._unstacked_delta(merged, base_params, touched)
+            else:
+                delta = self.plan.extract(merged, base_params, touched)
             meta = {**metadata, "sparse_rate": self.cfg.sparse_rate}
             sift_jax.save_delta(delta, str(out_dir / DELTA_FILE), meta, overwrite=True)
         return [DELTA_FILE]
+
+    def _unstacked_delta(self, merged, base_params, touched):
+        m, b, idx = unstack_delta_inputs(merged, base_params, touched, self.layers_paths)
+        dense = {p for p, r in self.plan.roles.items() if r == "dense"}
+        restack = re.compile("^(" + "|".join(map(re.escape, self.layers_paths)) + r")/\d+/")
+        tree = unflatten_paths({p: idx.get(p) for p in flatten_paths(b)})
+        return sift_jax.extract_delta(
+            m, b, tree, dense=lambda path, x: restack.sub(r"\1/", path) in dense
+        )
