@@ -16,6 +16,7 @@ from train.core import logs
 from train.core import mesh as mesh_lib
 from train.core.config import TrainConfig, flag
 from train.core.fit import TrainResult, fit, log_errors, open_output_dir
+from train.core.methods.sift import scan_layers_for
 from train.core.task import Task
 from train.glue import batching
 from train.glue import data as glue_data
@@ -96,6 +97,7 @@ def build_task(cfg: GlueConfig) -> tuple[Task, Pretrained]:
     )
     log.info(
         "Task %s: %d train / %s examples (from %s); model %s.",
+        scan_layers=scan_layers_for(cfg),  # SIFT: view and selection per layer in the scan
         spec.name,
         len(data.train),
         ", ".join(f"{k} {len(v)}" for k, v in data.eval.items()),
