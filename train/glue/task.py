@@ -91,13 +91,13 @@ def build_task(cfg: GlueConfig) -> tuple[Task, Pretrained]:
         num_labels=spec.num_labels,
         dtype="bfloat16" if cfg.bf16 else "float32",
         remat=cfg.gradient_checkpointing,
+        scan_layers=scan_layers_for(cfg),  # SIFT: view and selection per layer in the scan
         id2label={str(i): n for i, n in enumerate(spec.label_names)} or None,
         seed=cfg.seed,
         tokenizer="required",
     )
     log.info(
         "Task %s: %d train / %s examples (from %s); model %s.",
-        scan_layers=scan_layers_for(cfg),  # SIFT: view and selection per layer in the scan
         spec.name,
         len(data.train),
         ", ".join(f"{k} {len(v)}" for k, v in data.eval.items()),
