@@ -163,13 +163,19 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh:
     total = math.prod(sizes.values())
     if total > len(devices) or total < 1:
         raise ValueError(f"--mesh {spec!r} needs {total} devices but {len(devices)} are available.")
+    if total != len(devices) and jax.process_count() > 1:
+        raise ValueError(
+            f"--mesh {spec!r} uses {total} devices, but a multi-process run's mesh must use all "
+            f"{len(devices)} devices of its {jax.process_count()} processes (each process "
+            "computes on its own devices)."
+        )
     arr = np.array(devices[:total]).reshape([sizes[a] for a in AXES])
     return Mesh(arr, AXES)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Batches split on their leading dim over the data (and fsdp) axes."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    return batch_sharding(mesh)
 
 
 def batch_divisor(mesh: Mesh) -> int:
@@ -226,29 +232,53 @@ def onto_mesh(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def host_slice(global_batch: dict[str, np.ndarray], axis: int = 0) -> dict[str, np.ndarray]:
-    """This process's rows (along ``axis``) of a global batch that every process computes.
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Batches split on dim ``leading`` over the data axes (``data`` x ``fsdp``), replicated
+    over ``tensor``.
 
-    The rows follow the order of the mesh's devices along the data axes, so the processes'
-    slices together are exactly the global batch.
+    Example:
+        >>> batch_sharding(parse_mesh("data=1"), leading=1).spec
+        P(None, ('data', 'fsdp'))
     """
-    n_proc, i = jax.process_count(), jax.process_index()
-    if n_proc == 1:
-        return global_batch
-    out = {}
-    for key, x in global_batch.items():
-        per = x.shape[axis] // n_proc
-        out[key] = np.take(x, np.arange(i * per, (i + 1) * per), axis=axis)
-    return out
+    return NamedSharding(mesh, P(*[None] * leading, ("data", "fsdp")))
+
+
+def process_rows(mesh: Mesh, size: int, leading: int = 0) -> np.ndarray:
+    """The rows (along dim ``leading``, of ``size``) of a global batch that this process's
+    devices hold, i.e. what it contributes in :func:`put_batch`. The processes' rows cover the
+    batch; they are disjoint only when every process owns its own positions on the data axes
+    (a ``tensor`` axis across processes replicates rows on several of them).
+
+    Example:
+        >>> process_rows(parse_mesh("data=1"), 4).tolist()
+        [0, 1, 2, 3]
+    """
+    shape = (*([1] * leading), size)
+    rows: set[int] = set()
+    for index in batch_sharding(mesh, leading).addressable_devices_indices_map(shape).values():
+        rows.update(range(size)[index[leading]])
+    return np.array(sorted(rows), dtype=np.int64)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
     """Places a global host batch (every process computes the same one) as global arrays
-    sharded on the data axes over dim ``leading``; each process contributes its slice."""
-    spec = [None] * leading + [("data", "fsdp")]
-    sharding = NamedSharding(mesh, P(*spec))
-    local = host_slice(batch, axis=leading)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    sharded by :func:`batch_sharding`: each process puts, onto each of its own devices,
+    exactly the rows that device holds (:func:`process_rows`), wherever the mesh puts it, so
+    together they are exactly the global batch.
+
+    Example:
+        >>> b = put_batch({"x": np.arange(6).reshape(3, 2)}, parse_mesh("data=1"))
+        >>> b["x"].shape, b["x"].sharding.spec
+        ((3, 2), P(('data', 'fsdp'),))
+    """
+    sharding = batch_sharding(mesh, leading)
+
+    def put(v: np.ndarray) -> jax.Array:
+        # the dtype too: a process with no device on the mesh has no shard to infer it from
+        dtype = jax.dtypes.canonicalize_dtype(v.dtype)
+        return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx], dtype=dtype)
+
+    return {k: put(np.asarray(v)) for k, v in batch.items()}
 
 
 def to_host(tree: Any) -> Any:

@@ -15,8 +15,10 @@ as :func:`train.core.fit.plan_steps` assumes). Batch ``b`` of epoch ``e`` depend
 have seen. Evaluation visits every example once in order; the last batch is padded with copies of
 row 0 whose ``example_mask`` is 0.
 
-Multi-host: every process computes the same global batch and keeps rows
-``[i * B / P, (i + 1) * B / P)`` for ``process_index=i``, ``process_count=P``.
+Multi-process: the trainers give every process the same global batch and
+:func:`train.core.mesh.put_batch` puts onto each process's devices exactly the rows they hold
+on the mesh. ``process_index`` / ``process_count`` are for callers that feed their own
+contiguous slice (rows ``[i * B / P, (i + 1) * B / P)`` for process ``i`` of ``P``).
 """
 
 from __future__ import annotations
