@@ -108,11 +108,6 @@ def plan_steps(cfg, train_size: int, mesh) -> StepPlan:
     per_step = cfg.per_device_train_batch_size * mesh_lib.batch_divisor(mesh)
     accum = cfg.gradient_accumulation_steps
     global_batch = per_step * accum
-    if jax.process_count() > 1 and per_step % jax.process_count():
-        raise ValueError(
-            f"The per-step batch ({per_step}) is not divisible by the {jax.process_count()} "
-            "processes; change --per_device_train_batch_size or --mesh."
-        )
     steps_per_epoch = train_size // global_batch
     if steps_per_epoch < 1:
         raise ValueError(
@@ -243,6 +238,8 @@ class LogHook:
             "loss": float(m["loss"]),
             "learning_rate": lr,
             "grad_norm": float(m["grad_norm"]),
+            # wall seconds per step since the previous log line (compiles included)
+            "seconds_per_step": per_step,
         }
         if self.skipped:
             rec["skipped_nonfinite"] = self.skipped
@@ -437,7 +434,9 @@ def fit(
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=cfg.save_total_limit)
     loop = Loop(cfg, task, method, plan, mesh, frozen, out_dir, ckpt, 0)
     # the dropout key as raw uint32 data (checkpointed as a plain array); see train.core.prng
-    loop.rng = jax.random.key_data(jax.random.fold_in(prng.key(cfg.seed, cfg.dropout_prng), 2))
+    # (on the mesh: a multi-process run checkpoints only global arrays)
+    rng = jax.random.key_data(jax.random.fold_in(prng.key(cfg.seed, cfg.dropout_prng), 2))
+    loop.rng = mesh_lib.onto_mesh(rng, mesh)
 
     # ---- resume
     totals: dict = {}
@@ -571,6 +570,8 @@ def open_output_dir(cfg) -> outputs.OutputDir:
         overwrite=cfg.overwrite_output_dir,
         resume=bool(cfg.resume_from_checkpoint),
         is_primary=jax.process_index() == 0,
+        # several processes: entering is a barrier, process 0's refusal is everyone's
+        share_outcome=mesh_lib.share_outcome if jax.process_count() > 1 else None,
     )
 
 
