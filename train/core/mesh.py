@@ -10,6 +10,16 @@ processes on one machine::
 (or ``--coordinator_address``, ``--num_processes``, ``--process_id``); under SLURM and the other
 launchers ``jax.distributed.initialize`` detects by itself, ``srun python -m train.glue ...``.
 On the CPU backend the processes talk through gloo collectives.
+
+Who does what: every process loads the data and computes the same global batch;
+:func:`put_batch` puts onto each process's devices only the rows they hold on the mesh
+(``data`` x ``fsdp`` split the batch, ``tensor`` replicates it). Weights and optimizer state
+are sharded by the mesh across all devices of all processes (``--mesh`` must use them all).
+Evaluation outputs are gathered to every process, so all compute the same metrics. Each
+process writes its own shards of a checkpoint (orbax); process 0 writes the checksums, the
+logs, the results, the SIFT delta and the merged export (from arrays every process helped
+gather), and alone locks and clears the output directory (:func:`share_outcome` tells the
+others when it is done, or why it was refused).
 """
 
 from __future__ import annotations
