@@ -155,3 +155,24 @@ def test_rejects_unknown_settings():
         step_memory(LLAMA_7B, "sift", remat="selective")
     with pytest.raises(ValueError):
         step_memory(LLAMA_7B, "sift", batch=0)
+
+
+def test_blocked_attention_scan_and_mu_bytes():
+    """Issue 15's step: blocked attention saves no [b, h, s, s] tensor and bounds the transient
+    to one block; a scanned stack recomputes under remat even on XLA:CPU and copies one layer's
+    weights; mu_bytes shrinks the first moment only."""
+    prof = "xla_gpu_like"
+    full = step_memory(LLAMA_7B, "sift", remat="none", profile=prof)
+    blocked = step_memory(LLAMA_7B, "sift", remat="none", profile=prof, attn_block=512)
+    scores = 32 * 2048 * 2048
+    drop = full.row("saved activations").bytes - blocked.row("saved activations").bytes
+    assert drop == pytest.approx(32 * (10 * scores - 2 * 2048 * 4096))
+    cpu = step_memory(LLAMA_7B, "sift", remat="full", profile="xla_cpu_now", attn_block=512)
+    scan = step_memory(
+        LLAMA_7B, "sift", remat="full", profile="xla_cpu_now", attn_block=512, scan=True
+    )
+    assert scan.total < cpu.total - 10 * GiB  # remat works in the scan
+    assert scan.row("layer weight slices").bytes == 2 * LLAMA_7B.layer_linear_params()
+    a = mm.current_step(LLAMA_7B, "sift", remat="full", profile=prof)
+    b = mm.current_step(LLAMA_7B, "sift", remat="full", profile=prof, mu_bytes=2)
+    assert a.total - b.total == pytest.approx(2 * mm.sift_k(LLAMA_7B, 0.05))
