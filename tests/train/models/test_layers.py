@@ -182,3 +182,23 @@ def test_scanned_decoder_step_holds_one_layers_weight_gradient():
         temps[lv] = step.lower(t, o, st, frozen, ids, None).compile().memory_analysis()
     assert temps[False].temp_size_in_bytes > stacked_dw
     assert temps[True].temp_size_in_bytes < stacked_dw / 2
+
+
+def test_scanned_decoder_kv_cache_and_hidden_states_equal_the_unscanned_ones():
+    """What the instruct job's evaluations (generation, MMLU scoring) run on a model loaded
+    for --gradient_checkpointing: the scan carries the KV cache and collects hidden states."""
+    cfg = LlamaConfig.tiny(num_hidden_layers=3, attention_chunk=4)
+    g, p = split_params(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    scfg = dataclasses.replace(cfg, scan_layers=True, remat=True)
+    gs, _ = split_params(LlamaForCausalLM(scfg, rngs=nnx.Rngs(0)))
+    ps = stack_layers(jax.tree.map(jnp.copy, p), "model/layers")
+    ids = jax.random.randint(K[1], (2, 9), 0, 64)
+    mask = jnp.zeros((2, 16), jnp.int32).at[:, :10].set(1)
+    outs = []
+    for gd, params, c in ((g, p, cfg), (gs, ps, scfg)):
+        model = nnx.merge(gd, params)
+        logits, cache = model(ids, mask, cache=init_cache(c, 2, 16), cache_index=0)
+        nxt, _ = model(ids[:, :1], mask, cache=cache, cache_index=9)
+        outs.append((logits, nxt, model(ids, output_hidden_states=True)[1]))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
