@@ -239,6 +239,12 @@ class Sift:
                 if st:
                     if len(shape) < 2:
                         raise ValueError(f"stacked leaf {p!r} needs a leading layer dimension.")
+                    if math.prod(shape) > np.iinfo(np.int32).max:
+                        # checkpoints and deltas keep int32 global flat indices over the stack
+                        raise ValueError(
+                            f"stacked leaf {p!r} {shape} has more than 2**31 - 1 entries: its "
+                            "global int32 indices would overflow; do not stack (scan) it."
+                        )
                     sc = indexing.PerSlice(shape, transform_lib.leaf_k(k, p, shape[1:]), lead=1)
                     if scope == "shard":
                         raise ValueError("scope='shard' does not support stacked leaves.")

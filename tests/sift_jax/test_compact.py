@@ -444,3 +444,9 @@ def test_write_scatters_in_place_with_flat_indices(dtype):
         assert mem.temp_size_in_bytes < idx_bytes / 8, (mem.temp_size_in_bytes, idx_bytes)
     hlo = c.as_text()
     assert "s32[19661,2]" not in hlo and "scatter" in hlo
+
+
+def test_stacked_leaves_too_large_for_int32_global_indices_are_refused():
+    big = {"s": jax.ShapeDtypeStruct((40, 5120, 13824), jnp.bfloat16)}  # a 13B MLP stack
+    with pytest.raises(ValueError, match="2\\*\\*31 - 1 entries"):
+        compact.Sift.create(big, 0.05, stacked="s")
