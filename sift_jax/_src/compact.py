@@ -239,12 +239,6 @@ class Sift:
                 if st:
                     if len(shape) < 2:
                         raise ValueError(f"stacked leaf {p!r} needs a leading layer dimension.")
-                    if math.prod(shape) > np.iinfo(np.int32).max:
-                        # checkpoints and deltas keep int32 global flat indices over the stack
-                        raise ValueError(
-                            f"stacked leaf {p!r} {shape} has more than 2**31 - 1 entries: its "
-                            "global int32 indices would overflow; do not stack (scan) it."
-                        )
                     sc = indexing.PerSlice(shape, transform_lib.leaf_k(k, p, shape[1:]), lead=1)
                     if scope == "shard":
                         raise ValueError("scope='shard' does not support stacked leaves.")
@@ -657,7 +651,8 @@ class Sift:
     # ------------------------------------------------------------------ checkpoints, deltas
 
     def global_indices(self, state: SiftState) -> dict[str, np.ndarray]:
-        """``{path: sorted int32 global flat indices}`` (host numpy) of the sparse leaves."""
+        """``{path: sorted int32 global flat indices}`` (host numpy) of the sparse leaves
+        (``int64`` for a stacked leaf beyond int32's range)."""
         i = self._flat(state.indices)
         return {
             leaf.path: leaf.scope.to_global(_host(ij))
@@ -674,7 +669,7 @@ class Sift:
         now = self.global_indices(state)
         if not previous:
             return now
-        return {p: np.union1d(previous.get(p, []), i).astype(np.int32) for p, i in now.items()}
+        return {p: np.union1d(previous.get(p, []), i).astype(i.dtype) for p, i in now.items()}
 
     def state_dict(
         self, state: SiftState, touched: Mapping[str, np.ndarray] | None = None
@@ -685,9 +680,10 @@ class Sift:
         out: dict[str, dict[str, np.ndarray]] = {"indices": self.global_indices(state)}
         if touched:
             w = dict(zip([x.path for x in self.leaves], self._flat(state.weights), strict=True))
-            out["touched"] = {p: np.asarray(i, np.int32) for p, i in touched.items()}
+            sc = self.sparse_scopes
+            out["touched"] = {p: np.asarray(i, sc[p].global_dtype) for p, i in touched.items()}
             out["touched_values"] = {
-                p: _host(indexing.gather(w[p], jnp.asarray(i))) for p, i in touched.items()
+                p: _host(sc[p].gather_global(w[p], i)) for p, i in touched.items()
             }
         return out
 
@@ -711,9 +707,9 @@ class Sift:
             if leaf.path not in saved["indices"]:
                 raise ValueError(f"The saved SIFT state has no indices for {leaf.path!r}.")
             if "touched" in saved and leaf.path in saved["touched"]:
-                at = jnp.asarray(np.asarray(saved["touched"][leaf.path], np.int32))
+                at = np.asarray(saved["touched"][leaf.path])
                 vals = jnp.asarray(saved["touched_values"][leaf.path])
-                wj = indexing.scatter(wj, at, vals)
+                wj = leaf.scope.scatter_global(wj, at, vals)
             new_w.append(wj)
             new_i.append(
                 _place_like(leaf.scope.from_global(saved["indices"][leaf.path]), ij, leaf.scope)

@@ -38,6 +38,7 @@ from sift_jax._src import selection as selection_lib
 #: The probe gradient stores an index as two exactly representable fp32 numbers,
 #: ``(idx // PROBE_BASE, idx % PROBE_BASE)``: exact for indices below 2**40.
 PROBE_BASE = 65536
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def encode_probe(idx: jax.Array, values: jax.Array) -> jax.Array:
@@ -292,6 +293,19 @@ class Scope:
         """Shape of the zero probe whose gradient is :meth:`probe_grad`."""
         return (3, self.k if width is None else width)
 
+    @property
+    def global_dtype(self) -> np.dtype:
+        """dtype of the global flat indices (``int64`` only for a leaf beyond int32's range)."""
+        return np.dtype(np.int64 if math.prod(self.shape) > _INT32_MAX else np.int32)
+
+    def gather_global(self, x: jax.Array, gidx: Any) -> jax.Array:
+        """``x.ravel()[gidx]`` for sorted global flat indices (host numpy)."""
+        return gather(x, jnp.asarray(np.asarray(gidx, np.int32)))
+
+    def scatter_global(self, w: jax.Array, gidx: Any, values: jax.Array) -> jax.Array:
+        """``w`` with ``values`` set at sorted global flat indices (host numpy)."""
+        return scatter(w, jnp.asarray(np.asarray(gidx, np.int32)), values)
+
     def to_global(self, idx: Any) -> np.ndarray:
         """Indices as kept -> sorted global flat ``int32`` indices (host numpy)."""
         return np.asarray(idx).astype(np.int32).reshape(-1)
@@ -336,6 +350,10 @@ class PerSlice(Scope):
         [[1], [0]]
         >>> s.to_global([[1], [0]]).tolist()
         [1, 3]
+        >>> big = PerSlice((40, 5120, 13824), 1, lead=1)  # past int32: int64 global indices
+        >>> g = big.to_global(np.full((40, 1), 7))
+        >>> g.dtype.name, int(g[-1]), big.from_global(g).tolist()[-1]
+        ('int64', 2760376327, [7])
     """
 
     lead: int = 1
@@ -423,9 +441,28 @@ class PerSlice(Scope):
         return (*self.groups, 3, self.k if width is None else width)
 
     def to_global(self, idx):
+        # int64 when the stack has more than 2**31 - 1 entries (e.g. a 13B MLP stack)
         idx = np.asarray(idx).astype(np.int64).reshape(-1, self.k)
-        offsets = (np.arange(idx.shape[0]) * self.slice_size)[:, None]
-        return (idx + offsets).reshape(-1).astype(np.int32)
+        offsets = (np.arange(idx.shape[0], dtype=np.int64) * self.slice_size)[:, None]
+        return (idx + offsets).reshape(-1).astype(self.global_dtype)
+
+    def _coords(self, gidx):
+        g = np.asarray(gidx, np.int64).reshape(-1)
+        return jnp.asarray(np.stack([g // self.slice_size, g % self.slice_size], 1), jnp.int32)
+
+    def gather_global(self, x, gidx):
+        # [n, 2] (slice, position) coordinates: int32 whatever the stack's size
+        def f(x, coords):
+            return _gather_at(x.reshape(-1, self.slice_size), coords)
+
+        return _auto(f, x, x, self._coords(gidx), replicated=True)
+
+    def scatter_global(self, w, gidx, values):
+        def f(w, coords, values):
+            w2 = w.reshape(-1, self.slice_size)
+            return _set_at(w2, coords, values.reshape(-1)).reshape(w.shape)
+
+        return _auto(f, w, w, self._coords(gidx), values)
 
     def from_global(self, gidx):
         gidx = np.asarray(gidx).astype(np.int64).reshape(-1)

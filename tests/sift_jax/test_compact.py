@@ -446,7 +446,17 @@ def test_write_scatters_in_place_with_flat_indices(dtype):
     assert "s32[19661,2]" not in hlo and "scatter" in hlo
 
 
-def test_stacked_leaves_too_large_for_int32_global_indices_are_refused():
-    big = {"s": jax.ShapeDtypeStruct((40, 5120, 13824), jnp.bfloat16)}  # a 13B MLP stack
-    with pytest.raises(ValueError, match="2\\*\\*31 - 1 entries"):
-        compact.Sift.create(big, 0.05, stacked="s")
+def test_stacked_touched_positions_are_gathered_and_restored_per_slice():
+    """Checkpoints of a stacked leaf after re-selections: the touched weights are read and put
+    back at (slice, position) coordinates (int32 whatever the stack's size; the global indices
+    are int64 past 2**31 - 1 entries, see PerSlice)."""
+    w = jax.random.normal(K[0], (3, 4, 5))
+    sc = compact.PerSlice((3, 4, 5), 2, lead=1)
+    g = np.array([1, 7, 20, 33, 59])
+    np.testing.assert_array_equal(sc.gather_global(w, g), np.asarray(w).ravel()[g])
+    out = sc.scatter_global(jnp.zeros_like(w), g, jnp.arange(5.0) + 1)
+    want = np.zeros(60)
+    want[g] = np.arange(5.0) + 1
+    np.testing.assert_array_equal(np.asarray(out).ravel(), want)
+    assert compact.PerSlice((40, 5120, 13824), 1).global_dtype == np.int64
+    assert sc.global_dtype == np.int32

@@ -100,3 +100,18 @@ def test_gradient_checkpointing_without_a_per_layer_plan_keeps_the_unscanned_mod
 ):
     res = _run(tiny_bert, tmp_path / "r", "--max_steps", "2", "--gradient_checkpointing", *flags)
     assert "0" in res.params["encoder"]["layers"] and np.all(np.isfinite(res.losses))
+
+
+def test_gradient_checkpointing_with_reselection_matches_the_unscanned_run(tiny_bert, tmp_path):  # noqa: F811
+    """Re-selection on the scanned stack: the earlier-touched positions (kept in the delta and
+    in checkpoints) are the unscanned run's."""
+    flags = ("--max_steps", "5", "--reselect_every", "2", "--save_steps", "4")
+    plain = _run(tiny_bert, tmp_path / "plain", *flags)
+    ckpt = _run(tiny_bert, tmp_path / "ckpt", *flags, "--gradient_checkpointing")
+    np.testing.assert_allclose(ckpt.losses, plain.losses, rtol=1e-5, atol=1e-5)
+    da, db = (
+        sift_jax.load_delta(tmp_path / n / "sift_delta.safetensors") for n in ("plain", "ckpt")
+    )
+    for p in da:
+        if not da[p].is_dense:
+            np.testing.assert_array_equal(da[p].indices, db[p].indices)

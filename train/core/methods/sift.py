@@ -287,11 +287,12 @@ class Sift(Method):
     def checkpoint_template(self, meta):
         counts = meta["sift_counts"]
         sds = lambda shape, dt: np.zeros(shape, dt)  # host arrays: restored on the host
-        out = {"indices": {p: sds((n,), np.int32) for p, n in counts.items()}}
+        idt = {p: s.global_dtype for p, s in self.plan.sparse_scopes.items()}  # int64: huge stacks
+        out = {"indices": {p: sds((n,), idt[p]) for p, n in counts.items()}}
         sizes = meta.get("sift_touched_sizes") or {}
         if sizes:
             dtypes = {leaf.path: leaf.dtype for leaf in self.plan.leaves}
-            out["touched"] = {p: sds((n,), np.int32) for p, n in sizes.items()}
+            out["touched"] = {p: sds((n,), idt[p]) for p, n in sizes.items()}
             out["touched_values"] = {p: sds((n,), dtypes[p]) for p, n in sizes.items()}
         if meta.get("sift_score"):
             w = dict(
