@@ -39,6 +39,12 @@ class GlueDataConfig:
     train_file: str | None = flag(None, "csv/json/jsonl training file (HF run_glue columns).")
     validation_file: str | None = flag(None, "csv/json/jsonl validation file.")
     max_seq_length: int = flag(48, "Sequences are truncated/padded to this many tokens.")
+    length_buckets: list[int] = flag(
+        [],
+        "Cut each batch back to the smallest of these lengths that holds its longest example "
+        "(one compilation per length; far less padding for short texts). Empty: every batch "
+        "is --max_seq_length long.",
+    )
     max_train_samples: int | None = flag(
         None, "Keep only the first N training examples (default: all)."
     )
@@ -105,7 +111,8 @@ def build_task(cfg: GlueConfig) -> tuple[Task, Pretrained]:
         model.description,
     )
     train_enc, eval_encs = batching.encode_task(data, model.tokenizer, cfg.max_seq_length)
-    train_fn, eval_sets = batching.trainer_fns(train_enc, eval_encs, seed=cfg.seed)
+    buckets = sorted(b for b in cfg.length_buckets if b < cfg.max_seq_length) or None
+    train_fn, eval_sets = batching.trainer_fns(train_enc, eval_encs, seed=cfg.seed, buckets=buckets)
     regression = spec.is_regression
 
     def loss_fn(logits, batch):
