@@ -45,7 +45,7 @@ RECIPE = dict(
     export_model=False,
     disable_tqdm=True,
     save_total_limit=1,
-    eval_strategy="no",
+    eval_strategy="epoch",  # the trainer evaluates at the end only when evaluating at all
 )
 SST2_TRAIN = 8000
 ATTENTION = r"attention/(query|key|value|output)/"
@@ -106,6 +106,10 @@ def run_one(task: str, method: str, seed: int, glue_dir: str) -> dict:
 
     f = flags(task, method, seed)
     metrics, wall = train_once({**f, "glue_dir": glue_dir})
+    if "eval_" + METRIC[task] not in metrics:
+        raise RuntimeError(
+            f"{task} {method} seed {seed}: no eval_{METRIC[task]} in {sorted(metrics)}"
+        )
     return {
         "task": task,
         "method": method,

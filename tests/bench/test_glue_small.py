@@ -1,0 +1,68 @@
+"""bench.glue_small: the recorded runs make the tables (mean ± std, paired gaps), resumably."""
+
+import json
+
+import pytest
+
+from bench import glue_small
+
+
+def record(task, method, seed, score, f1=None, params=1000):
+    metrics = {"eval_" + glue_small.METRIC[task]: score}
+    if f1 is not None:
+        metrics["eval_f1"] = f1
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "metrics": metrics,
+        "trainable_params": params,
+        "train_steps": 10,
+        "train_loss": 0.5,
+        "wall_s": 60.0,
+        "flags": {},
+    }
+
+
+def test_report_gives_mean_std_over_seeds_and_paired_gaps(tmp_path):
+    recs = []
+    for seed, (s, lo) in enumerate([(0.70, 0.68), (0.72, 0.69), (0.74, 0.70)]):
+        for task in glue_small.TASKS:
+            f1 = 0.8 if task == "mrpc" else None
+            recs.append(record(task, "sift", seed, s, f1, params=29186))
+            recs.append(record(task, "lora-matched", seed, lo, f1, params=28418))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    table = glue_small.report(path)
+    sift_row = next(ln for ln in table.splitlines() if ln.startswith("| sift |"))
+    # mean 72.0, sample std 2.0 on every task; average 72.0; MRPC also shows F1
+    assert sift_row.count("72.0 ± 2.0") == 4 and "(F1 80.0)" in sift_row
+    assert sift_row.endswith("| 72.0 |") and "29,186" in sift_row
+    gap = next(ln for ln in table.splitlines() if ln.startswith("| sift | 72.0 |"))
+    # paired per seed: +2, +3, +4 -> mean +3.0, std 1.0; no full-FT runs -> no gap to full
+    assert "+3.0 ± 1.0" in gap and gap.endswith("| – |")
+    assert "Paper (RoBERTa-large" in table
+
+
+def test_done_runs_are_skipped(tmp_path, monkeypatch):
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(record("rte", "sift", 0, 0.6)) + "\n")
+    ran = []
+
+    def fake_run_one(task, method, seed, glue_dir):
+        ran.append((task, method, seed))
+        return record(task, method, seed, 0.5)
+
+    monkeypatch.setattr(glue_small, "run_one", fake_run_one)
+    glue_small.run(["rte"], ["sift", "full"], [0], "unused", results=path)
+    assert ran == [("rte", "full", 0)]
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_a_run_without_its_metric_is_an_error_not_a_record(monkeypatch):
+    import bench.sweep
+
+    monkeypatch.setattr(bench.sweep, "train_once", lambda flags: ({"train_loss": 0.1}, 1.0))
+    with pytest.raises(RuntimeError, match="no eval_accuracy"):
+        glue_small.run_one("rte", "sift", 0, "unused")
