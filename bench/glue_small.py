@@ -93,11 +93,11 @@ def flags(task: str, method: str, seed: int) -> dict:
     return out
 
 
-def _done(path: Path) -> set[tuple[str, str, int]]:
+def _records(path: Path) -> list[dict]:
+    """The recorded runs (none when the file does not exist yet)."""
     if not path.exists():
-        return set()
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return {(r["task"], r["method"], r["seed"]) for r in recs}
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def run_one(task: str, method: str, seed: int, glue_dir: str) -> dict:
@@ -126,10 +126,11 @@ def run_one(task: str, method: str, seed: int, glue_dir: str) -> dict:
 def run(tasks, methods, seeds, glue_dir: str, results: Path = RESULTS) -> None:
     """Runs every (task, method, seed) not yet recorded, seed by seed."""
     results.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["task"], r["method"], r["seed"]) for r in _records(results)}
     for seed in seeds:
         for task in tasks:
             for method in methods:
-                if (task, method, seed) in _done(results):
+                if (task, method, seed) in done:
                     continue
                 print(f"=== {task} {method} seed {seed}", flush=True)
                 rec = run_one(task, method, seed, glue_dir)
@@ -167,7 +168,9 @@ def _cell(d: dict | None) -> str:
 
 def report(results: Path = RESULTS) -> str:
     """The markdown tables of ``docs/glue.md`` from the recorded runs."""
-    recs = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
+    if not results.exists():
+        raise FileNotFoundError(f"{results}: no runs recorded yet (python -m bench.glue_small run)")
+    recs = _records(results)
     s = summarize(recs)
     methods = [m for m in (*METHODS, *VARIANTS) if any(k[1] == m for k in s)]
     # the average is over the tasks that were run (all four once the table is complete)
