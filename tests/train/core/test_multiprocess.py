@@ -165,10 +165,12 @@ def run_single(job: str, argv: list[str], logs: Path) -> None:
         launch.wait(time.monotonic() + TIMEOUT)
 
 
-def run_two(job, argv, logs, *, via="env", patch=None, hold=False, extra_env=None) -> Launch:
+def run_two(job, argv, logs, *, via="env", hold=False) -> Launch:
     """Two processes of one run on a loopback coordinator, identified by the ``JAX_*``
-    variables (``via="env"``) or by the flags (``via="flags"``). With ``hold``, waits until
-    both held after step ``HOLD_AT``'s checkpoint, then SIGKILLs both."""
+    variables (``via="env"``) or by the flags (``via="flags"``). With ``hold``, both run
+    under :data:`HOLD_AFTER_CHECKPOINT`: waits until both held after step ``HOLD_AT``'s
+    checkpoint, then SIGKILLs both."""
+    patch = HOLD_AFTER_CHECKPOINT if hold else None
     addr = f"127.0.0.1:{_free_port()}"
     deadline = time.monotonic() + TIMEOUT
     with launched(logs) as launch:
@@ -182,13 +184,29 @@ def run_two(job, argv, logs, *, via="env", patch=None, hold=False, extra_env=Non
                 env = _env()
                 flags = ["--coordinator_address", addr, "--num_processes", "2"]
                 flags += ["--process_id", str(i)]
-            env.update(extra_env or {})
+            if hold:
+                env["HOLD_AT"] = str(HOLD_AT)
             launch.start(job, [*argv, *flags], env, patch=patch, name=logs.name + "-")
         if hold:
             launch.wait_for("HELD", deadline)
             launch.kill()
         else:
             launch.wait(deadline)
+    return launch
+
+
+def kill_after_checkpoint(job, argv, logs) -> None:
+    """Both processes of a run killed right after step ``HOLD_AT``'s checkpoint."""
+    logs.mkdir()
+    run_two(job, argv, logs, hold=True)
+
+
+def resume_latest(job, argv, logs, **kw) -> Launch:
+    """The killed run of :func:`kill_after_checkpoint` resumed from its latest checkpoint
+    (logs in ``logs/resume``), asserting that it resumed at ``HOLD_AT``."""
+    (logs / "resume").mkdir()
+    launch = run_two(job, [*argv, "--resume_from_checkpoint", "latest"], logs / "resume", **kw)
+    assert f"Resumed from checkpoint step {HOLD_AT}" in launch.text(0)
     return launch
 
 
@@ -363,9 +381,7 @@ def test_glue_two_processes_killed_after_a_checkpoint_resume_to_the_same_result(
     # multi-process save) and restores them
     argv = glue_argv(glue_setup, out, 4, "fsdp=2", "--save_steps", "1")
     logs = out.parent / "killed-logs"
-    logs.mkdir()
-    run_two("train.glue", argv, logs, patch=HOLD_AFTER_CHECKPOINT, hold=True,
-            extra_env={"HOLD_AT": str(HOLD_AT)})  # fmt: skip
+    kill_after_checkpoint("train.glue", argv, logs)
     assert read_run_state(out)["status"] == "running"
     held = out / "checkpoints" / str(HOLD_AT)
     assert (held / CHECKSUMS).is_file()
@@ -373,11 +389,7 @@ def test_glue_two_processes_killed_after_a_checkpoint_resume_to_the_same_result(
         "ocdbt.process_0",
         "ocdbt.process_1",
     ]
-    (logs / "resume").mkdir()
-    launch = run_two(
-        "train.glue", [*argv, "--resume_from_checkpoint", "latest"], logs / "resume", via="flags"
-    )
-    assert f"Resumed from checkpoint step {HOLD_AT}" in launch.text(0)
+    resume_latest("train.glue", argv, logs, via="flags")
     assert_same_as(out, glue_reference, GLUE_METRICS)
 
 
@@ -503,16 +515,10 @@ def test_instruct_two_processes_killed_after_a_checkpoint_resume_to_the_same_res
     out = instruct_setup[2] / "killed"
     argv = instruct_argv(instruct_setup, out, 4, "data=2", "--save_steps", "1")
     logs = out.parent / "killed-logs"
-    logs.mkdir()
-    run_two("train.instruct", argv, logs, patch=HOLD_AFTER_CHECKPOINT, hold=True,
-            extra_env={"HOLD_AT": str(HOLD_AT)})  # fmt: skip
+    kill_after_checkpoint("train.instruct", argv, logs)
     assert (out / "checkpoints" / str(HOLD_AT) / CHECKSUMS).is_file()
     assert not is_complete(out)
-    (logs / "resume").mkdir()
-    launch = run_two(
-        "train.instruct", [*argv, "--resume_from_checkpoint", "latest"], logs / "resume"
-    )
-    assert f"Resumed from checkpoint step {HOLD_AT}" in launch.text(0)
+    resume_latest("train.instruct", argv, logs)
     assert_same_as(out, instruct_reference, INSTRUCT_METRICS)
     assert_same_instruct_results(out, instruct_reference)
 
