@@ -105,20 +105,27 @@ def cfg_for(tmp_path, **kw):
     return TrainConfig(**base)
 
 
-def _run_until(cfg, kill_at):
-    """Runs training and raises out of the loop after ``kill_at`` steps, like a SIGKILL."""
-    task = toy_task()
+def interrupt_batches(task, after: int):
+    """Makes ``task``'s training batches raise ``KeyboardInterrupt`` (a kill, in-process) when
+    batch number ``after + 1`` is requested, so the step that needs it never completes."""
     inner = task.train_batches
     seen = {"n": 0}
 
     def batches(epoch, start, bs):
         for b in inner(epoch, start, bs):
-            if seen["n"] == kill_at + 1:  # the step after the checkpoint never completes
+            if seen["n"] == after:
                 raise KeyboardInterrupt
             seen["n"] += 1
             yield b
 
     task.train_batches = batches
+    return task
+
+
+def _run_until(cfg, kill_at):
+    """Runs training and raises out of the loop after ``kill_at`` steps, like a SIGKILL."""
+    # the step after the checkpoint never completes
+    task = interrupt_batches(toy_task(), kill_at + 1)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, task, toy_params())
     log = Path(cfg.output_dir) / "train_log.jsonl"

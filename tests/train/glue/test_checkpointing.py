@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sift_jax
+from tests.train.core.toy import interrupt_batches
 from tests.train.glue.test_run import args, tiny_bert  # noqa: F401  (the module fixture)
 from train import glue
 from train.core.config import parse_args
@@ -63,17 +64,8 @@ def test_gradient_checkpointing_resumes(tiny_bert, tmp_path, monkeypatch):  # no
 
     def killing_build_task(cfg):
         task, model = orig(cfg)
-        inner, seen = task.train_batches, {"n": 0}
-
-        def batches(epoch, start, bs):
-            for b in inner(epoch, start, bs):
-                if seen["n"] == 4:  # dies during step 5, after the step-3 checkpoint
-                    raise KeyboardInterrupt
-                seen["n"] += 1
-                yield b
-
-        task.train_batches = batches
-        return task, model
+        # dies during step 5, after the step-3 checkpoint
+        return interrupt_batches(task, 4), model
 
     monkeypatch.setattr(glue_task, "build_task", killing_build_task)
     with pytest.raises(KeyboardInterrupt):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import sift_jax
+from tests.train.core.toy import interrupt_batches
 from tests.train.instruct.test_run import CFG, cfg_for, fake_reviews, tok  # noqa: F401
 from train.instruct import run
 from train.instruct import task as instruct
@@ -63,18 +64,7 @@ def test_gradient_checkpointing_matches_the_unscanned_run_and_resumes(
     orig = instruct.build_task
 
     def killing_task(*a, **k):
-        task = orig(*a, **k)
-        inner, n = task.train_batches, {"n": 0}
-
-        def batches(epoch, start, bs):
-            for b in inner(epoch, start, bs):
-                if n["n"] == 3:
-                    raise KeyboardInterrupt
-                n["n"] += 1
-                yield b
-
-        task.train_batches = batches
-        return task
+        return interrupt_batches(orig(*a, **k), 3)
 
     monkeypatch.setattr(instruct, "build_task", killing_task)
     with pytest.raises(KeyboardInterrupt):

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 import sift_jax
 from sift_jax.paths import flatten_paths
+from tests.train.core.toy import interrupt_batches
 from train.core.outputs import is_complete, read_run_state
 from train.generate import generate
 from train.instruct import InstructConfig, run
@@ -237,21 +238,10 @@ def test_packed_rows_match_unpacked_logits():
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tok, reviews, monkeypatch, sift_run):
     full, _, _, full_dir = sift_run
     orig = instruct.build_task
-    seen = {"n": 0}
 
     def killing_task(*a, **k):
-        task = orig(*a, **k)
-        inner = task.train_batches
-
-        def batches(epoch, start, bs):
-            for b in inner(epoch, start, bs):
-                if seen["n"] == 3:  # dies during step 4, after the step-2 checkpoint
-                    raise KeyboardInterrupt
-                seen["n"] += 1
-                yield b
-
-        task.train_batches = batches
-        return task
+        # dies during step 4, after the step-2 checkpoint
+        return interrupt_batches(orig(*a, **k), 3)
 
     monkeypatch.setattr(instruct, "build_task", killing_task)
     with pytest.raises(KeyboardInterrupt):
