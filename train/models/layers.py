@@ -23,6 +23,26 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: Dtype) ->
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def dot_last(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` over ``x``'s last axis, computed on the 2-D view ``[prod(lead), in]``.
+
+    The same product as ``jnp.dot(x, w)``, but its transpose (the weight gradient
+    ``x^T dy``) is then a plain 2-D GEMM with one contracting dim. With ``x`` of rank 3 the
+    weight gradient contracts two dims (batch and sequence), which XLA:CPU lowers through
+    transposing copies of ``x`` and ``dy`` that it fuses with (and so recomputes) their
+    producers, e.g. the LayerNorm backward: on the packaged MiniLM (batch 32 x 48) the
+    2-D view made full FT's step 14% faster and SIFT's 37% (``bench.train_step``). The
+    reshapes are bitcasts, so nothing is copied on any backend.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> dot_last(jnp.ones((2, 3, 4)), jnp.ones((4, 5))).shape
+        (2, 3, 5)
+    """
+    lead = x.shape[:-1]
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel + bias`` with logical axes on the kernel (``[in, out]``)."""
 
@@ -49,7 +69,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = dot_last(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -78,7 +98,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        return dot_last(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 class LayerNorm(nnx.Module):
