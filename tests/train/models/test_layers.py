@@ -15,7 +15,7 @@ from sift_jax import compact
 from train.models.decoder import LlamaConfig, LlamaForCausalLM, MistralConfig, init_cache
 from train.models.encoder import EncoderConfig, EncoderForSequenceClassification
 from train.models.functional import split_params
-from train.models.layers import attention
+from train.models.layers import Linear, attention
 from train.models.weights.mapping import stack_layers
 
 K = jax.random.split(jax.random.key(0), 6)
@@ -35,6 +35,38 @@ def test_blocked_attention_equals_the_full_one_with_its_gradients(s, chunk):
     gb = jax.grad(loss(None), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ga, gb, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _dot_generals(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for v in eqn.params.values():
+            inner = getattr(v, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                yield from _dot_generals(inner)
+
+
+def test_linear_weight_gradient_is_one_2d_gemm_with_the_same_values():
+    # The weight gradient of a batched Linear must be a dot with ONE contracting dim
+    # (XLA:CPU turned the two-dim contraction into transposing copies that recomputed the
+    # LayerNorm backward: 1.6x slower SIFT steps), and equal the plain product's gradient.
+    graphdef, state = nnx.split(Linear(8, 5, (None, None), rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    x = jax.random.normal(K[3], (3, 4, 8))
+
+    def loss(kernel, x):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, {**params, "kernel": kernel})(x)))
+
+    kernel = params["kernel"]
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(kernel, x).jaxpr
+    dots = list(_dot_generals(jaxpr))
+    assert dots, "no dot_general in the gradient"
+    for eqn in dots:
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        assert len(lhs_contract) == 1, eqn
+    want = jax.grad(lambda w: jnp.sum(jnp.sin(jnp.einsum("bsi,io->bso", x, w) + params["bias"])))
+    np.testing.assert_allclose(jax.grad(loss)(kernel, x), want(kernel), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg_cls", [LlamaConfig, MistralConfig])
