@@ -135,12 +135,19 @@ def _leaf(tree, path):
     return tree
 
 
-def test_scanned_rematerialised_decoder_trains_sift_like_the_unscanned_one():
+def _decoder_pair():
+    """A tiny 3-layer decoder unscanned ``(cfg, graphdef, params)`` and the same weights
+    stacked for the scanned + rematerialised model ``(scfg, graphdef, params)``."""
     cfg = LlamaConfig.tiny(num_hidden_layers=3, attention_chunk=4)
     g, p = split_params(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
     scfg = dataclasses.replace(cfg, scan_layers=True, remat=True)
     gs, _ = split_params(LlamaForCausalLM(scfg, rngs=nnx.Rngs(0)))
     ps = stack_layers(jax.tree.map(jnp.copy, p), "model/layers")
+    return cfg, g, p, scfg, gs, ps
+
+
+def test_scanned_rematerialised_decoder_trains_sift_like_the_unscanned_one():
+    cfg, g, p, scfg, gs, ps = _decoder_pair()
     ids = jax.random.randint(K[4], (2, 12), 0, 64)
 
     def lm_loss(model, batch):
@@ -219,11 +226,7 @@ def test_scanned_decoder_step_holds_one_layers_weight_gradient():
 def test_scanned_decoder_kv_cache_and_hidden_states_equal_the_unscanned_ones():
     """What the instruct job's evaluations (generation, MMLU scoring) run on a model loaded
     for --gradient_checkpointing: the scan carries the KV cache and collects hidden states."""
-    cfg = LlamaConfig.tiny(num_hidden_layers=3, attention_chunk=4)
-    g, p = split_params(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    scfg = dataclasses.replace(cfg, scan_layers=True, remat=True)
-    gs, _ = split_params(LlamaForCausalLM(scfg, rngs=nnx.Rngs(0)))
-    ps = stack_layers(jax.tree.map(jnp.copy, p), "model/layers")
+    cfg, g, p, scfg, gs, ps = _decoder_pair()
     ids = jax.random.randint(K[1], (2, 9), 0, 64)
     mask = jnp.zeros((2, 16), jnp.int32).at[:, :10].set(1)
     outs = []
