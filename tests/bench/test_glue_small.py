@@ -66,3 +66,19 @@ def test_a_run_without_its_metric_is_an_error_not_a_record(monkeypatch):
     monkeypatch.setattr(bench.sweep, "train_once", lambda flags: ({"train_loss": 0.1}, 1.0))
     with pytest.raises(RuntimeError, match="no eval_accuracy"):
         glue_small.run_one("rte", "sift", 0, "unused")
+
+
+def test_a_dense_head_variant_is_paired_with_the_lora_that_has_the_same_head(tmp_path):
+    recs = []
+    for task in glue_small.TASKS:
+        f1 = 0.8 if task == "mrpc" else None
+        recs.append(record(task, "sift-head", 0, 0.70, f1))
+        recs.append(record(task, "lora-matched-head", 0, 0.66, f1))
+        recs.append(record(task, "lora-matched", 0, 0.50, f1))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = glue_small.report(path).splitlines()
+    gap = next(ln for ln in table if ln.startswith("| sift-head | 70.0 |"))
+    assert "+4.0 (1 seed)" in gap  # against lora-matched-head, not lora-matched (+20)
+    f = glue_small.flags("rte", "sift-head", 0)
+    assert f["sparse_exception"] == ["classifier", "pooler"] and f["sparse_rate"] == 0.008
