@@ -136,6 +136,12 @@ class OptimConfig:
     """AdamW, its schedule, batch sizes and the seed."""
 
     learning_rate: float = flag(7e-5, "Peak learning rate (AdamW).")
+    dense_learning_rate: float = flag(
+        0.0,
+        "Peak learning rate of the tensors trained densely beside SIFT's increments or LoRA's "
+        "adapters (--sparse_exception / --lora_exception, e.g. the classifier head), on the "
+        "same schedule; 0: --learning_rate.",
+    )
     weight_decay: float = flag(0.1, "AdamW weight decay (never on biases / LayerNorm).")
     adam_beta1: float = flag(0.9, "AdamW beta1.")
     adam_beta2: float = flag(0.999, "AdamW beta2.")
@@ -165,6 +171,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _finite("learning_rate", self.learning_rate, positive=True)
+        _finite("dense_learning_rate", self.dense_learning_rate, low=0.0)
         _finite("weight_decay", self.weight_decay, low=0.0)
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)

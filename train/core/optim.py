@@ -4,6 +4,7 @@ guard that skips non-finite steps."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -51,13 +52,30 @@ def make_schedule(lr: float, total_steps: int, warmup_ratio: float, kind: str = 
     )
 
 
-def adamw(cfg: OptimConfig, schedule, mask=decay_mask) -> optax.GradientTransformation:
+def adamw(
+    cfg: OptimConfig,
+    schedule,
+    mask=decay_mask,
+    dense: Callable[[str], bool] | None = None,
+) -> optax.GradientTransformation:
     """Clip + AdamW with HF's decay mask (or ``mask``), as configured by ``cfg``.
+
+    ``dense(path) -> bool`` names the trainable leaves trained densely beside sparse
+    increments or adapters; with ``cfg.dense_learning_rate`` their updates are AdamW's at that
+    peak rate instead (the same schedule, scaled: AdamW's update is linear in the rate, weight
+    decay included). A method without such leaves passes ``None`` and the flag is refused.
 
     Example:
         >>> tx = adamw(OptimConfig(), make_schedule(1e-3, 10, 0.1))
         >>> isinstance(tx, optax.GradientTransformation)
         True
+        >>> import jax.numpy as jnp
+        >>> cfg = OptimConfig(learning_rate=1e-3, dense_learning_rate=1e-2, max_grad_norm=0)
+        >>> tx = adamw(cfg, 1e-3, dense=lambda path: path.startswith("head"))
+        >>> p = {"head": jnp.ones(1), "w": jnp.ones(1)}
+        >>> u, _ = tx.update({"head": jnp.ones(1), "w": jnp.ones(1)}, tx.init(p), p)
+        >>> [round(float(u[k][0]), 4) for k in ("head", "w")]
+        [-0.011, -0.0011]
     """
     parts = []
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
@@ -72,7 +90,49 @@ def adamw(cfg: OptimConfig, schedule, mask=decay_mask) -> optax.GradientTransfor
             mask=mask,
         )
     )
+    if cfg.dense_learning_rate:
+        if dense is None:
+            raise ValueError(
+                "--dense_learning_rate sets the rate of the tensors trained densely beside "
+                "sparse increments or adapters; with this --finetuning_type every tensor is "
+                "trained at --learning_rate. Drop --dense_learning_rate."
+            )
+        parts.append(scale_leaves(cfg.dense_learning_rate / cfg.learning_rate, dense))
     return optax.chain(*parts)
+
+
+def scale_leaves(factor: float, which: Callable[[str], bool]) -> optax.GradientTransformation:
+    """Multiplies the updates of the leaves whose ``/``-joined path ``which`` accepts by
+    ``factor`` (stateless); refuses a tree in which it accepts no leaf (a flag that would
+    change nothing).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tx = scale_leaves(10.0, lambda p: p == "a")
+        >>> u, _ = tx.update({"a": jnp.ones(1), "b": jnp.ones(1)}, tx.init(None))
+        >>> float(u["a"][0]), float(u["b"][0])
+        (10.0, 1.0)
+    """
+
+    def update(updates, state, params=None):
+        del params
+        hit = []
+
+        def scale(path, u):
+            if which(path_to_str(path)):
+                hit.append(path)
+                return u * factor
+            return u
+
+        out = jax.tree_util.tree_map_with_path(scale, updates)
+        if not hit:
+            raise ValueError(
+                "--dense_learning_rate: no tensor is trained densely (--sparse_exception / "
+                "--lora_exception matched no parameter), so it would change nothing."
+            )
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:

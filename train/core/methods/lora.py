@@ -58,7 +58,9 @@ class Lora(Method):
             raise ValueError("--lora_targets matched no kernel with >= 2 dims.")
         self.trainable = {"adapters": adapters, "dense": unflatten_paths(dense)}
         self.buffers, self.frozen = None, params
-        self.optimizer = adamw(section(cfg, OptimConfig), schedule)
+        self.optimizer = adamw(
+            section(cfg, OptimConfig), schedule, dense=lambda path: path.startswith("dense/")
+        )
 
     def loss_params(self, trainable, buffers, frozen):
         out = flatten_paths(frozen)

@@ -174,7 +174,8 @@ class Sift(Method):
             layer_views=stacked is not None,
         )
         self.base = params
-        self.optimizer = adamw(section(cfg, OptimConfig), schedule)
+        dense = {leaf.path for leaf in self.plan.leaves if leaf.role == "dense"}
+        self.optimizer = adamw(section(cfg, OptimConfig), schedule, dense=dense.__contains__)
         self._split()
 
     def _split(self):
