@@ -72,7 +72,13 @@ VARIANTS = {
     "sift-reselect": {**SIFT, "reselect_every": 100},
     "sift-head": {**SIFT, "sparse_exception": HEAD},
     "lora-matched-head": {**LORA, "lora_rank": 3, "lora_exception": HEAD},
+    # the paper's selection figure: gradient vs random choice of the same <= 1e4 entries
+    # (rate 0.0028: 413 of each attention kernel, 2 of each bias, 9,960 in all)
+    "sift-10k": {**SIFT, "sparse_rate": 0.0028},
+    "random-10k": {**SIFT, "sparse_rate": 0.0028, "selection": "random"},
 }
+#: (gradient, random) selection at the same count, compared task by task in the report
+SELECTION_PAIRS = (("sift-10k", "random-10k"),)
 LR = {"sift": 2e-3, "lora": 2e-3, "full": 5e-5}
 #: the paper's Table 2 (RoBERTa-large): SIFT / LoRA / full on these tasks
 PAPER = {
@@ -205,6 +211,9 @@ def report(results: Path = RESULTS) -> str:
         vals = [PAPER[t][i] for t in TASKS]
         lines.append(f"| {m} | " + " | ".join(f"{v}" for v in vals) + f" | {np.mean(vals):.1f} |")
     lines += ["", _gap_table(s, methods, ran)]
+    sel = _selection_table(s)
+    if sel:
+        lines += ["", sel]
     walls = {m: sum(s[(t, m)]["wall_s"] for t in TASKS if (t, m) in s) for m in methods}
     total = sum(r["wall_s"] for r in recs)
     lines += [
@@ -247,6 +256,30 @@ def _gap_table(s: dict, methods: list[str], tasks=TASKS) -> str:
                 cells.append(f"{d[0]:+.1f} (1 seed)" if d.size else "–")
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _selection_table(s: dict) -> str:
+    """Per task, gradient minus random selection (:data:`SELECTION_PAIRS`, paired by seed);
+    empty when neither pair ran."""
+    rows = []
+    for grad, rand in SELECTION_PAIRS:
+        cells = []
+        for t in TASKS:
+            a = {r["seed"]: r for r in s.get((t, grad), {}).get("recs", [])}
+            b = {r["seed"]: r for r in s.get((t, rand), {}).get("recs", [])}
+            seeds = sorted(set(a) & set(b))
+            key = "eval_" + METRIC[t]
+            d = np.array([100 * (a[k]["metrics"][key] - b[k]["metrics"][key]) for k in seeds])
+            if d.size > 1:
+                cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}")
+            else:
+                cells.append(f"{d[0]:+.1f} (1 seed)" if d.size else "–")
+        if any(c != "–" for c in cells):
+            rows.append(f"| {grad} − {rand} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = "| gradient − random selection (paired) | " + " | ".join(t.upper() for t in TASKS)
+    return "\n".join([head + " |", "|---|" + "---|" * len(TASKS), *rows])
 
 
 def main(argv=None) -> None:

@@ -82,3 +82,14 @@ def test_a_dense_head_variant_is_paired_with_the_lora_that_has_the_same_head(tmp
     assert "+4.0 (1 seed)" in gap  # against lora-matched-head, not lora-matched (+20)
     f = glue_small.flags("rte", "sift-head", 0)
     assert f["sparse_exception"] == ["classifier", "pooler"] and f["sparse_rate"] == 0.008
+
+
+def test_gradient_vs_random_selection_is_compared_task_by_task(tmp_path):
+    recs = [record("rte", "sift-10k", 0, 0.60), record("rte", "random-10k", 0, 0.55)]
+    recs += [record("cola", "sift-10k", 0, 0.10)]  # no random run on CoLA: no cell
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    row = next(ln for ln in glue_small.report(path).splitlines() if "sift-10k − random" in ln)
+    assert row == "| sift-10k − random-10k | – | – | – | +5.0 (1 seed) |"
+    f = glue_small.flags("rte", "random-10k", 0)
+    assert f["selection"] == "random" and f["sparse_rate"] == 0.0028
