@@ -5,11 +5,13 @@ Tasks: CoLA (Matthews correlation), SST-2 (accuracy; training set subsampled), M
 and F1), RTE (accuracy), from an official ``glue_data/`` directory (``--glue_dir``). Methods:
 the paper's SIFT recipe (rate 0.008 on attention q/k/v/o weights and biases, classifier dense,
 per-tensor budget), LoRA at matched parameters (rank 3 on query/value, 27,648 + classifier),
-LoRA r=8 (the paper's LoRA), full fine-tuning, and the SIFT variants beyond the paper
-(:data:`VARIANTS`: a global budget across tensors, periodic re-selection). Scaled recipe
-(:data:`RECIPE`, so the whole table fits a few hours of a 2-core CPU): max length 128 with
-length buckets, 3 epochs, batch 32, SST-2 first 8,000 training sentences, dev = the official
-dev set, warmup 6%, weight decay 0.1 (the paper's), learning rates per method in :data:`LR`.
+LoRA r=8 (the paper's LoRA), full fine-tuning, and the variants beyond the paper
+(:data:`VARIANTS`: a global budget across tensors, periodic re-selection, the whole head
+trained densely for SIFT and LoRA alike, gradient vs random selection at 9,960 entries).
+Scaled recipe (:data:`RECIPE`, so the whole table fits a few hours of a 2-core CPU): max
+length 128 with length buckets, 3 epochs, batch 32, SST-2 first 8,000 training sentences, dev =
+the official dev set, warmup 6%, weight decay 0.1 (the paper's), learning rates per method in
+:data:`LR`.
 
 Every finished run appends one JSON line to ``docs/glue/runs.jsonl`` (resumable: recorded runs
 are skipped); ``report`` regenerates ``docs/glue.md``'s tables from it::
