@@ -102,37 +102,29 @@ def adamw(
 
 
 def scale_leaves(factor: float, which: Callable[[str], bool]) -> optax.GradientTransformation:
-    """Multiplies the updates of the leaves whose ``/``-joined path ``which`` accepts by
-    ``factor`` (stateless); refuses a tree in which it accepts no leaf (a flag that would
-    change nothing).
+    """``optax.scale(factor)`` on the leaves whose ``/``-joined path ``which`` accepts
+    (``optax.masked``); refuses, at ``init``, a tree in which it accepts no leaf (a flag that
+    would change nothing).
 
     Example:
         >>> import jax.numpy as jnp
         >>> tx = scale_leaves(10.0, lambda p: p == "a")
-        >>> u, _ = tx.update({"a": jnp.ones(1), "b": jnp.ones(1)}, tx.init(None))
+        >>> p = {"a": jnp.ones(1), "b": jnp.ones(1)}
+        >>> u, _ = tx.update({"a": jnp.ones(1), "b": jnp.ones(1)}, tx.init(p), p)
         >>> float(u["a"][0]), float(u["b"][0])
         (10.0, 1.0)
     """
 
-    def update(updates, state, params=None):
-        del params
-        hit = []
-
-        def scale(path, u):
-            if which(path_to_str(path)):
-                hit.append(path)
-                return u * factor
-            return u
-
-        out = jax.tree_util.tree_map_with_path(scale, updates)
-        if not hit:
+    def mask(tree):
+        out = jax.tree_util.tree_map_with_path(lambda path, _: which(path_to_str(path)), tree)
+        if not any(jax.tree.leaves(out)):
             raise ValueError(
                 "--dense_learning_rate: no tensor is trained densely (--sparse_exception / "
                 "--lora_exception matched no parameter), so it would change nothing."
             )
-        return out, state
+        return out
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.masked(optax.scale(factor), mask)
 
 
 def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
