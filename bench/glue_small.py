@@ -268,13 +268,17 @@ def _gap_table(s: dict, methods: list[str], tasks=TASKS) -> str:
         lora = "lora-matched-head" if m.endswith("-head") else "lora-matched"
         for ref in (lora, "full"):
             b = avg_by_seed(ref)
-            d = np.array([a[k] - b[k] for k in sorted(set(a) & set(b))])
-            if d.size > 1:
-                cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}")
-            else:
-                cells.append(f"{d[0]:+.1f} (1 seed)" if d.size else "–")
+            cells.append(_paired_cell([a[k] - b[k] for k in sorted(set(a) & set(b))]))
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _paired_cell(diffs) -> str:
+    """Per-seed paired differences as ``mean ± std``, ``+d (1 seed)`` or ``–`` (none)."""
+    d = np.asarray(diffs, float)
+    if d.size > 1:
+        return f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}"
+    return f"{d[0]:+.1f} (1 seed)" if d.size else "–"
 
 
 def _selection_table(s: dict) -> str:
@@ -288,11 +292,8 @@ def _selection_table(s: dict) -> str:
             b = {r["seed"]: r for r in s.get((t, rand), {}).get("recs", [])}
             seeds = sorted(set(a) & set(b))
             key = "eval_" + METRIC[t]
-            d = np.array([100 * (a[k]["metrics"][key] - b[k]["metrics"][key]) for k in seeds])
-            if d.size > 1:
-                cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}")
-            else:
-                cells.append(f"{d[0]:+.1f} (1 seed)" if d.size else "–")
+            d = [100 * (a[k]["metrics"][key] - b[k]["metrics"][key]) for k in seeds]
+            cells.append(_paired_cell(d))
         if any(c != "–" for c in cells):
             rows.append(f"| {grad} − {rand} | " + " | ".join(cells) + " |")
     if not rows:
