@@ -385,7 +385,57 @@ def test_main_writes_the_results_json(tmp_path, monkeypatch, tok, tiny):
     assert saved["mmlu_questions_per_second"] > 0 and saved["scorer"] == "decoder"
     assert len(saved["predictions"]["nutrition"]) == 4
     assert saved["scorer_stats"]["prefixes"] >= 2
+    assert not (tmp_path / "mmlu.json.partial.json").exists()  # removed once results are out
     full = mmlu.main(argv + ["--max_length", "1000", "--full_logits"])
     assert full["predictions"] == saved["predictions"]
     with pytest.raises(ValueError, match="exceeds the model's context"):
         mmlu.main(argv + ["--max_length", "5000"])  # beyond the model's 4096 positions
+
+
+GEO = {"What is the capital of France?": "A", "What is the chemical symbol for sodium?": "C"}
+
+
+def test_interrupted_run_resumes_from_the_progress_file(tok, tmp_path):
+    progress = str(tmp_path / "mmlu.partial.json")
+    full = evaluate_mmlu(fake_model(tok, GEO), tok, MMLU, k_shot=2, max_length=300)
+    fn = fake_model(tok, GEO)
+
+    def crashes_on_geography(ids, mask):
+        if "geography" in tok.decode(ids[0]):
+            raise KeyboardInterrupt  # the run is stopped in its second subject
+        return fn(ids, mask)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_mmlu(crashes_on_geography, tok, MMLU, 2, max_length=300, progress_file=progress)
+    saved = json.loads(Path(progress).read_text())
+    assert list(saved["subjects"]) == ["college_chemistry"]  # the finished subject is kept
+    seen: list[str] = []
+    res = evaluate_mmlu(
+        fake_model(tok, GEO, seen), tok, MMLU, 2, max_length=300, progress_file=progress
+    )
+    assert seen and all("geography" in t for t in seen)  # chemistry is not scored again
+    assert res.resumed_subjects == 1 and res.as_dict()["mmlu_resumed_subjects"] == 1
+    assert res.predictions == full.predictions and res.subjects == full.subjects
+    assert (res.average, res.num_fewer_shots, res.num_truncated, res.prompt_tokens) == (
+        full.average,
+        full.num_fewer_shots,
+        full.num_truncated,
+        full.prompt_tokens,
+    )
+    assert res.seconds >= saved["subjects"]["college_chemistry"]["seconds"]
+    again = evaluate_mmlu(lambda *a: 1 / 0, tok, MMLU, 2, max_length=300, progress_file=progress)
+    assert again.predictions == full.predictions  # everything recorded: nothing scored
+
+
+def test_progress_file_of_other_settings_is_refused(tok, tmp_path):
+    progress = str(tmp_path / "p.json")
+    evaluate_mmlu(fake_model(tok, {}), tok, MMLU, 0, ["world_geography"], progress_file=progress)
+    with pytest.raises(ValueError, match=r"p\.json holds MMLU progress .*k_shot: 0 there, 3 now"):
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, 3, progress_file=progress)
+    with pytest.raises(ValueError, match="model: 'a' there, 'b' now"):
+        p2 = str(tmp_path / "p2.json")
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=p2, progress_key={"model": "a"})
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=p2, progress_key={"model": "b"})
+    Path(progress).write_text("{not json")
+    with pytest.raises(ValueError, match="not an MMLU progress file.*delete it"):
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=progress)

@@ -706,6 +706,7 @@ class MMLUResult:
     seconds: float = 0.0
     prompt_tokens: int = 0
     max_prompt_tokens: int = 0
+    resumed_subjects: int = 0
 
     @property
     def questions_per_second(self) -> float:
@@ -732,9 +733,49 @@ class MMLUResult:
             "mmlu_max_prompt_tokens": self.max_prompt_tokens,
             "mmlu_seconds": round(self.seconds, 3),
             "mmlu_questions_per_second": round(self.questions_per_second, 4),
+            "mmlu_resumed_subjects": self.resumed_subjects,
         }
         out.update({f"mmlu_{s}": a for s, a in self.subjects.items()})
         return out
+
+
+def _check_progress(path: str, saved: dict, key: dict) -> None:
+    if saved.get("key") != key:
+        old = saved.get("key") or {}
+        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        shown = ", ".join(f"{k}: {old.get(k)!r} there, {key.get(k)!r} now" for k in diff)
+        raise ValueError(
+            f"{path} holds MMLU progress for other settings ({shown}). Delete it to start "
+            f"over, or run with the settings it was written for."
+        )
+
+
+def load_progress(path: str, key: dict) -> dict[str, dict]:
+    """Per-subject records of an interrupted :func:`evaluate_mmlu` run (``{}`` if ``path``
+    does not exist).
+
+    Raises:
+        ValueError: the file was written for other settings (``key``), or is not a progress
+            file.
+
+    Example:
+        >>> import tempfile
+        >>> load_progress(os.path.join(tempfile.mkdtemp(), "none.json"), {"k_shot": 5})
+        {}
+    """
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path} is not an MMLU progress file ({e}); delete it to start over."
+        ) from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("subjects"), dict):
+        raise ValueError(f"{path} is not an MMLU progress file; delete it to start over.")
+    _check_progress(path, saved, key)
+    return saved["subjects"]
 
 
 def evaluate_mmlu(
@@ -748,6 +789,8 @@ def evaluate_mmlu(
     max_questions_per_subject: int | None = None,
     verbose: bool = False,
     split: str = "test",
+    progress_file: str | None = None,
+    progress_key: dict | None = None,
 ) -> MMLUResult:
     """MMLU accuracy of a model.
 
@@ -765,9 +808,17 @@ def evaluate_mmlu(
         max_questions_per_subject: evaluate only the first N questions of each subject.
         verbose: print one line per subject.
         split: ``"test"`` or ``"val"``.
+        progress_file: makes the run resumable: subjects are scored one at a time and each
+            finished subject's predictions are written to this JSON file (atomically);
+            subjects already in it are not scored again. Without it all prompts are scored
+            together (one batching across subjects).
+        progress_key: what else must match for a progress file to be reused (model, dtype,
+            scorer settings); ``k_shot``, ``split``, ``max_length`` and
+            ``max_questions_per_subject`` are always part of it.
 
     Returns:
-        An :class:`MMLUResult`.
+        An :class:`MMLUResult`; with a progress file its ``seconds`` add up every run's time
+        and ``resumed_subjects`` counts the subjects taken from the file.
 
     Example:
         >>> from transformers import AutoTokenizer
@@ -787,35 +838,80 @@ def evaluate_mmlu(
         raise ValueError(f"The answer letters do not map to distinct tokens: {choice_ids}.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     questions: dict[str, list[Question]] = {}
-    encoded: list[Encoded] = []
-    groups: list[tuple[str, int]] = []
-    num_fewer_shots = 0
+    shots: dict[str, list[Question]] = {}
     for subject in subjects:
         path = os.path.join(data_dir, split, f"{subject}_{split}.csv")
         qs = load_csv(path)
         if not qs:
             raise ValueError(f"{path} has no questions.")
-        if max_questions_per_subject is not None:
-            qs = qs[:max_questions_per_subject]
-        shots: list[Question] = []
+        questions[subject] = qs[:max_questions_per_subject]
+        shots[subject] = []
         if k_shot > 0:
             dev_path = os.path.join(data_dir, "dev", f"{subject}_dev.csv")
             if not os.path.exists(dev_path):
                 raise FileNotFoundError(f"--mmlu_k_shot {k_shot} needs {dev_path}.")
-            shots = load_csv(dev_path)[:k_shot]
-        questions[subject] = qs
-        for q in qs:
-            e = encode_prompt(tokenizer, subject, q, shots, max_length)
-            num_fewer_shots += e.shots < len(shots)
-            encoded.append(e)
-            groups.append((subject, e.shots))
-    scores = scorer.choice_logits([e.ids for e in encoded], choice_ids, pad_id, groups)
-    pred = np.asarray(scores).argmax(-1)
+            shots[subject] = load_csv(dev_path)[:k_shot]
+    key = dict(progress_key or {}) | {
+        "k_shot": k_shot,
+        "split": split,
+        "max_length": max_length,
+        "max_questions_per_subject": max_questions_per_subject,
+    }
+    done = load_progress(progress_file, key) if progress_file else {}
+    for subject, rec in done.items():
+        if subject in questions and len(rec["predictions"]) != len(questions[subject]):
+            raise ValueError(
+                f"{progress_file}: {subject} has {len(rec['predictions'])} predictions for "
+                f"{len(questions[subject])} questions (the CSV changed?); delete it to start over."
+            )
+    todo = [s for s in subjects if s not in done]
+    resumed = len(subjects) - len(todo)
+    if verbose and progress_file and resumed:
+        log.info(f"MMLU: {resumed}/{len(subjects)} subjects already scored in {progress_file}")
+    chunks = [[s] for s in todo] if progress_file else ([todo] if todo else [])
+    total_q = sum(len(questions[s]) for s in todo)
+    scored_q = 0
+    for chunk in chunks:
+        tc = time.time()
+        encoded: list[Encoded] = []
+        groups: list[tuple[str, int]] = []
+        for subject in chunk:
+            for q in questions[subject]:
+                e = encode_prompt(tokenizer, subject, q, shots[subject], max_length)
+                encoded.append(e)
+                groups.append((subject, e.shots))
+        scores = scorer.choice_logits([e.ids for e in encoded], choice_ids, pad_id, groups)
+        pred = np.asarray(scores).argmax(-1)
+        i = 0
+        for subject in chunk:
+            n = len(questions[subject])
+            es = encoded[i : i + n]
+            done[subject] = {
+                "predictions": "".join(CHOICES[j] for j in pred[i : i + n]),
+                "fewer_shots": sum(e.shots < len(shots[subject]) for e in es),
+                "truncated": sum(e.truncated for e in es),
+                "prompt_tokens": sum(len(e.ids) for e in es),
+                "max_prompt_tokens": max(len(e.ids) for e in es),
+                "seconds": (time.time() - tc) * n / len(encoded),
+            }
+            i += n
+        scored_q += len(encoded)
+        if progress_file:
+            from train.core.outputs import write_json_atomic
+
+            write_json_atomic(progress_file, {"key": key, "subjects": done})
+            if verbose:
+                rate = scored_q / (time.time() - t0)
+                log.info(
+                    f"MMLU progress: {len(done)}/{len(subjects)} subjects, {scored_q}/{total_q} "
+                    f"questions this run, {rate:.2f}/s, about "
+                    f"{(total_q - scored_q) / max(rate, 1e-9) / 60:.0f} min left"
+                )
     accs: dict[str, float] = {}
     preds_by_subject: dict[str, list[str]] = {}
     total_correct = total = 0
     for subject, qs in questions.items():
-        letters = [CHOICES[i] for i in pred[total : total + len(qs)]]
+        letters = list(done[subject]["predictions"])
         correct = sum(p == q.answer for p, q in zip(letters, qs, strict=True))
         accs[subject] = correct / len(qs)
         preds_by_subject[subject] = letters
@@ -823,7 +919,8 @@ def evaluate_mmlu(
         total += len(qs)
         if verbose:
             log.info(f"MMLU {subject}: {accs[subject]:.4f} ({correct}/{len(qs)})")
-    lengths = [len(e.ids) for e in encoded]
+    recs = [done[s] for s in subjects]
+    resumed_seconds = sum(done[s]["seconds"] for s in subjects if s not in todo)
     return MMLUResult(
         accs,
         total_correct / total,
@@ -831,13 +928,14 @@ def evaluate_mmlu(
         total,
         k_shot,
         preds_by_subject,
-        num_fewer_shots=num_fewer_shots,
-        num_truncated=sum(e.truncated for e in encoded),
+        num_fewer_shots=sum(r["fewer_shots"] for r in recs),
+        num_truncated=sum(r["truncated"] for r in recs),
         max_length=max_length,
         split=split,
-        seconds=time.time() - t0,
-        prompt_tokens=sum(lengths),
-        max_prompt_tokens=max(lengths),
+        seconds=time.time() - t0 + resumed_seconds,
+        prompt_tokens=sum(r["prompt_tokens"] for r in recs),
+        max_prompt_tokens=max(r["max_prompt_tokens"] for r in recs),
+        resumed_subjects=resumed,
     )
 
 
@@ -897,6 +995,13 @@ class MMLUConfig:
     )
     batch_size: int = cfg_flag(8, "Rows per batch with --full_logits.")
     output_file: str | None = cfg_flag(None, "Write the results JSON here.")
+    progress_file: str | None = cfg_flag(
+        None,
+        "Record each finished subject here and skip subjects already recorded, so an "
+        "interrupted run resumes where it stopped (default with --output_file: "
+        "<output_file>.partial.json, removed once the results are written; 'none' turns "
+        "it off).",
+    )
 
     def __post_init__(self):
         if not self.mmlu_dir:
@@ -936,6 +1041,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
             verbose=True,
         )
     load_seconds = time.time() - t0
+    progress = args.progress_file
+    if progress is None and args.output_file:
+        progress = args.output_file + ".partial.json"
+    if progress == "none":
+        progress = None
+    settings = {
+        k: getattr(args, k)
+        for k in ("tokens_per_batch", "max_batch_size", "padding_side", "batch_size")
+    } | {"prefix_cache": not args.no_prefix_cache}
+    scorer_name = "full_logits" if args.full_logits else "decoder"
+    key = {
+        "model": args.model_name_or_path,
+        "delta": args.delta,
+        "dtype": args.dtype,
+        "scorer": scorer_name,
+        "settings": settings,
+    }
     res = evaluate_mmlu(
         scorer,
         tok,
@@ -947,6 +1069,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.max_questions_per_subject,
         verbose=True,
         split=args.split,
+        progress_file=progress,
+        progress_key=key,
     )
     log.info(
         f"MMLU {args.split} {args.mmlu_k_shot}-shot average accuracy: {res.average:.4f} over "
@@ -960,12 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "model": args.model_name_or_path,
             "delta": args.delta,
             "dtype": args.dtype,
-            "scorer": "full_logits" if args.full_logits else "decoder",
-            "settings": {
-                k: getattr(args, k)
-                for k in ("tokens_per_batch", "max_batch_size", "padding_side", "batch_size")
-            }
-            | {"prefix_cache": not args.no_prefix_cache},
+            "scorer": scorer_name,
+            "settings": settings,
             "load_seconds": round(load_seconds, 3),
             "scorer_stats": dict(getattr(scorer, "stats", {})),
             "jax_backend": jax.default_backend(),
@@ -973,9 +1093,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
     )
     if args.output_file:
-        with open(args.output_file, "w") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        from train.core.outputs import write_json_atomic
+
+        write_json_atomic(args.output_file, out, sort_keys=False)
+        if progress and os.path.exists(progress):
+            os.remove(progress)
     return out
 
 
