@@ -6,7 +6,8 @@ and F1), RTE (accuracy), from an official ``glue_data/`` directory (``--glue_dir
 the paper's SIFT recipe (rate 0.008 on attention q/k/v/o weights and biases, classifier dense,
 per-tensor budget), LoRA at matched parameters (rank 3 on query/value, 27,648 + classifier),
 LoRA r=8 (the paper's LoRA), full fine-tuning, and the variants beyond the paper
-(:data:`VARIANTS`: a global budget across tensors, periodic re-selection, the whole head
+(:data:`VARIANTS`: a global budget across tensors, the same total shared by gradient mass,
+periodic re-selection, the whole head
 trained densely for SIFT and LoRA alike, gradient vs random selection at 9,960 entries).
 Scaled recipe (:data:`RECIPE`, so the whole table fits a few hours of a 2-core CPU): max
 length 128 with length buckets, 3 epochs, batch 32, SST-2 first 8,000 training sentences, dev =
@@ -71,6 +72,7 @@ METHODS = {
 HEAD = ["classifier", "pooler"]
 VARIANTS = {
     "sift-global": {**SIFT, "sift_budget": "global"},
+    "sift-mass": {**SIFT, "sift_budget": "mass"},
     "sift-reselect": {**SIFT, "reselect_every": 100},
     "sift-head": {**SIFT, "sparse_exception": HEAD},
     "lora-matched-head": {**LORA, "lora_rank": 3, "lora_exception": HEAD},

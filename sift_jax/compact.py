@@ -5,7 +5,8 @@ splits the tree into what trains (``k``-vectors of selected weights + dense leav
 donated buffers (merged weights, indices) and the frozen rest, and gives the loss its view of
 the parameters (the backward emits ``grad_W[idx]`` only), the in-place write after an update,
 selection (inside the backward, from an accumulated score, or per shard / per layer slice),
-re-selection, global budgets, checkpoint state with global indices and delta extraction.
+re-selection, shared budgets (joint top-k or by gradient mass), checkpoint state with global
+indices and delta extraction.
 :mod:`sift_jax.nnx` wraps it for Flax NNX models.
 
 Scanned models: plan with ``stacked=<the [L, ...] leaves>, layer_views=True``; the plan's
@@ -24,6 +25,7 @@ from sift_jax._src.compact import (
     SiftState,
     budget_counts,
     joint_topk,
+    mass_counts,
     value_and_grad,
 )
 from sift_jax._src.indexing import (
@@ -63,6 +65,7 @@ __all__ = [
     "encode_probe",
     "is_layer_input",
     "joint_topk",
+    "mass_counts",
     "probe_fn",
     "value_and_grad",
     "view_fn",

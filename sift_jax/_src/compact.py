@@ -19,7 +19,7 @@ from sift_jax._src import selection as selection_lib
 from sift_jax._src import transform as transform_lib
 from sift_jax._src.paths import path_to_str
 
-BUDGETS = ("per_tensor", "global")
+BUDGETS = ("per_tensor", "global", "mass")
 SCOPES = ("global", "shard")
 
 GradFn = Callable[..., tuple[jax.Array, Any]]
@@ -164,9 +164,13 @@ class Sift:
             stacked: leaves whose leading dimension stacks layers (scanned models): their
                 top-k is taken per layer slice (``k`` from the slice's size), never jointly
                 across the stack; indices ``int32[L, k]``.
-            budget: ``"per_tensor"`` (the paper) or ``"global"``: one budget for all sparse
-                leaves, the joint top-k of the strategy's score across them (each leaf's size
-                is fixed at selection by :meth:`apply_budget`).
+            budget: ``"per_tensor"`` (the paper); ``"global"``: one budget for all sparse
+                leaves, the joint top-k of the strategy's score across them; ``"mass"``: the
+                same total shared out in proportion to each leaf's score mass (the sum of its
+                ``|g|``), then the top-k within each leaf. With both, each leaf's size is
+                fixed at selection by :meth:`apply_budget`; ``"mass"`` needs every sparse
+                leaf's whole ``|g|`` once, so its selection does not run inside the backward
+                (:meth:`can_probe` is False).
             seed: seed for random selection.
             value_dtype: dtype of the trained values (``None``: the leaf's own).
             layer_views: hand the model each stacked sparse leaf as a
@@ -432,7 +436,7 @@ class Sift:
     def can_probe(self, reselecting: bool = False) -> bool:
         """Whether selection can happen inside one backward pass (no O(n) score)."""
         single = reselecting or self.schedule.selection_steps == 1
-        return self.strategy.in_backward and single
+        return self.strategy.in_backward and single and self.budget != "mass"
 
     def zero_score(self, state: SiftState) -> dict[str, jax.Array]:
         """The fp32 ``|g|`` accumulator (``{path: zeros like the weight}``) for selection
@@ -474,7 +478,7 @@ class Sift:
 
         def step(trainable, opt_state, state, frozen, score, batch, rng, count, *, last):
             t, w, idx = map(self._flat, (trainable, state.weights, state.indices))
-            probing = last and probe and not score and self.strategy.in_backward
+            probing = last and probe and not score and self.can_probe(True)
             needs = self.strategy.needs_grad
             diff = needs or self.schedule.update_on_selection  # dense grad of the weights
             if not last and needs and not score:
@@ -530,6 +534,9 @@ class Sift:
                     ranking = self.strategy.score(s, w[n], key)
                     cidx = indexing.topk(ranking, self._width(leaf))
                     candidates[leaf.path] = (cidx, indexing.gather(ranking, cidx))
+                    if self.budget == "mass":
+                        mass = jnp.sum(ranking, dtype=jnp.float32)
+                        candidates[leaf.path] += (mass,)
             if last and self.budget == "per_tensor":
                 trainable, state = self.with_indices(self._tree(new_idx), trainable, state)
                 score = {}
@@ -586,13 +593,21 @@ class Sift:
         state: SiftState,
         optimizer: optax.GradientTransformation,
     ) -> tuple[Sift, Any, Any, SiftState]:
-        """Finishes a ``budget="global"`` selection on the host: the joint top-``total`` of the
-        candidates' scores decides each leaf's count (at least 1) and indices; returns the
-        resized plan, its trainable values, the optimizer state (fresh for the sparse leaves)
-        and the state. Shapes change, so the train step retraces once."""
+        """Finishes a ``budget="global"`` or ``"mass"`` selection on the host: the joint
+        top-``total`` of the candidates' scores (``"global"``) or each leaf's share of the
+        score mass (``"mass"``, :func:`mass_counts`) decides each leaf's count (at least 1)
+        and indices; returns the resized plan, its trainable values, the optimizer state
+        (fresh for the sparse leaves) and the state. Shapes change, so the train step
+        retraces once."""
         paths = [leaf.path for leaf in self.leaves if leaf.role == masks.SPARSE]
         cand = {p: (np.asarray(candidates[p][0]), np.asarray(candidates[p][1])) for p in paths}
-        chosen = joint_topk({p: v for p, (_, v) in cand.items()}, self.total)
+        if self.budget == "mass":
+            sizes = {x.path: math.prod(x.shape) for x in self.leaves if x.role == masks.SPARSE}
+            masses = {p: float(candidates[p][2]) for p in paths}
+            counts = mass_counts(masses, self.total, sizes)
+            chosen = {p: np.argsort(-v, kind="stable")[: counts[p]] for p, (_, v) in cand.items()}
+        else:
+            chosen = joint_topk({p: v for p, (_, v) in cand.items()}, self.total)
         counts = {p: len(c) for p, c in chosen.items()}
         plan = self.resized(counts)
         idx_leaves = self._flat(state.indices)
@@ -782,16 +797,64 @@ def joint_topk(scores: Mapping[str, np.ndarray], total: int) -> dict[str, np.nda
     return {n: np.sort(pos[order][owner[order] == i]) for i, n in enumerate(names)}
 
 
-def budget_counts(scores: Any, total: int, *, sparse: masks.LeafSpec | None = None) -> dict:
-    """``{path: count}`` of a global budget: how many of the ``total`` largest ``scores``
-    (e.g. ``|grad|`` of a first batch) fall in each sparse leaf (at least 1 each). Pass it as
-    ``k`` to :func:`sift_jax.sparse_increment` to give the transform a global budget.
+def mass_counts(
+    masses: Mapping[str, float], total: int, sizes: Mapping[str, int]
+) -> dict[str, int]:
+    """``{name: count}``: every array keeps 1 and the rest of ``total`` is shared out in
+    proportion to ``masses`` (largest remainders), at most each array's size (a share beyond
+    it goes to the others); with more arrays than ``total`` each still gets 1.
+
+    Example:
+        >>> mass_counts({"a": 3.0, "b": 1.0}, 8, {"a": 100, "b": 100})
+        {'a': 6, 'b': 2}
+        >>> mass_counts({"a": 3.0, "b": 1.0, "c": 0.0}, 9, {"a": 4, "b": 100, "c": 9})
+        {'a': 4, 'b': 4, 'c': 1}
+    """
+    names = list(masses)
+    m = np.array([float(masses[n]) for n in names], np.float64)
+    cap = np.array([int(sizes[n]) for n in names], np.int64)
+    if not np.isfinite(m).all():
+        bad = [n for n, x in zip(names, m, strict=True) if not np.isfinite(x)]
+        raise ValueError(f"mass budget: non-finite score mass in {bad} (check the gradients).")
+    m = np.maximum(m, 0.0)
+    total = min(int(total), int(cap.sum()))
+    room = cap - 1  # every array keeps 1; the rest is shared by mass within each one's room
+    left = max(0, total - len(names))
+    full = room <= 0
+    while True:  # water-filling: a share beyond an array's room goes to the others
+        w = np.where(full, 0.0, m)
+        w = w / w.sum() if w.sum() > 0 else ~full / max(1, (~full).sum())
+        quota = np.where(full, room, w * (left - room[full].sum()))
+        over = ~full & (quota >= room)
+        if not over.any():
+            break
+        full |= over
+    extra = np.minimum(np.floor(quota).astype(np.int64), room)
+    rem = np.where(full, -np.inf, quota - extra)
+    for i in np.argsort(-rem, kind="stable")[: left - int(extra.sum())]:  # largest remainders
+        extra[i] += 1
+    count = 1 + extra
+    return {n: int(c) for n, c in zip(names, count, strict=True)}
+
+
+def budget_counts(
+    scores: Any, total: int, *, sparse: masks.LeafSpec | None = None, by: str = "joint"
+) -> dict:
+    """``{path: count}`` of a shared budget of ``total`` entries over the sparse leaves of
+    ``scores`` (e.g. ``|grad|`` of a first batch): ``by="joint"`` (``budget="global"``): how
+    many of the ``total`` largest scores fall in each leaf; ``by="mass"``
+    (``budget="mass"``): shares proportional to each leaf's score sum (:func:`mass_counts`);
+    at least 1 each. Pass it as ``k`` to :func:`sift_jax.sparse_increment` to give the
+    transform that budget.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> budget_counts({"a": jnp.array([5.0, 1.0]), "b": jnp.array([4.0, 3.0, 0.5])}, 3)
-        {'a': 1, 'b': 2}
+        >>> s = {"a": jnp.array([5.0, 1.0]), "b": jnp.array([4.0, 3.0, 0.5])}
+        >>> budget_counts(s, 3), budget_counts(s, 4, by="mass")
+        ({'a': 1, 'b': 2}, {'a': 2, 'b': 2})
     """
+    if by not in ("joint", "mass"):
+        raise ValueError(f"`by` must be 'joint' or 'mass', got {by!r}.")
     flat, _ = jax.tree_util.tree_flatten_with_path(scores)
     roles = masks.leaf_roles(scores, sparse, None)
     named = {
@@ -799,6 +862,10 @@ def budget_counts(scores: Any, total: int, *, sparse: masks.LeafSpec | None = No
         for (p, x), r in zip(flat, roles, strict=True)
         if r == masks.SPARSE
     }
+    if by == "mass":
+        return mass_counts(
+            {p: v.sum() for p, v in named.items()}, total, {p: v.size for p, v in named.items()}
+        )
     return {p: int(v.size) for p, v in joint_topk(named, total).items()}
 
 

@@ -239,6 +239,34 @@ def test_global_budget_is_the_joint_top_k_and_matches_the_transform_given_its_co
         np.testing.assert_array_equal(np.asarray(i), idx[path])
 
 
+def test_mass_budget_shares_the_total_by_gradient_mass_then_takes_each_leafs_top_k():
+    """Issue 14: budget="mass": each leaf's count in proportion to its sum of |g| (at least
+    1), the top-count of |g| within it; the transform matches given the counts."""
+    sift, trainable, state, frozen, losses, _ = run_compact(steps=6, budget="mass")
+    assert not sift.can_probe()  # needs each leaf's whole |g|
+    g = jax.grad(loss_fn)(PARAMS, BATCHES[0], None)
+    sparse_g = {
+        p: x for p, x in sift_jax.paths.flatten_paths(g).items() if p.startswith(("l1", "l2"))
+    }
+    total = 13 + 2 + 26
+    counts = compact.budget_counts(sparse_g, total, by="mass")
+    mass = {p: float(np.abs(np.asarray(x)).sum()) for p, x in sparse_g.items()}
+    for p, c in counts.items():  # proportional up to rounding and the minimum of 1
+        assert abs(c - total * mass[p] / sum(mass.values())) <= 1 + len(counts)
+    assert counts != compact.budget_counts(sparse_g, total)  # not the joint top-k
+    idx = sift.global_indices(state)
+    assert {p: i.size for p, i in idx.items()} == counts and sum(counts.values()) == total
+    for p, i in idx.items():
+        want = np.argsort(-np.abs(np.asarray(sparse_g[p])).ravel(), kind="stable")[: counts[p]]
+        np.testing.assert_array_equal(i, np.sort(want))
+    assert losses[-1] < losses[0]
+    p_t, idx_t, _ = run_transform(steps=6, k=counts)
+    for path, i in sift_jax.paths.flatten_paths(idx_t).items():
+        np.testing.assert_array_equal(np.asarray(i), idx[path])
+    with pytest.raises(ValueError, match="`by` must be 'joint' or 'mass'"):
+        compact.budget_counts(sparse_g, total, by="norm")
+
+
 def test_state_dict_restores_a_run_after_reselection_and_the_delta_holds_every_change():
     sift, trainable, state, frozen, _, touched = run_compact(steps=8, reselect_every=3)
     touched = sift.touched(state, touched)

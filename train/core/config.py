@@ -228,10 +228,12 @@ class SiftConfig:
     )
     sift_budget: str = flag(
         "per_tensor",
-        "SIFT: 'per_tensor' (the paper: --sparse_rate of every targeted tensor) or 'global' "
+        "SIFT: 'per_tensor' (the paper: --sparse_rate of every targeted tensor), 'global' "
         "(the same total number of entries, chosen as the top-k of |gradient| across all "
-        "targeted tensors jointly; each tensor's share is fixed at selection).",
-        choices=["per_tensor", "global"],
+        "targeted tensors jointly) or 'mass' (the same total shared out in proportion to each "
+        "tensor's sum of |gradient|, then the top-k within each); with both, each tensor's "
+        "share is fixed at selection.",
+        choices=["per_tensor", "global", "mass"],
     )
 
     def __post_init__(self):
