@@ -451,19 +451,11 @@ def measure(
     **kw,
 ):
     """Compiled bytes of the trainer's own train step for one method (abstract inputs);
-    ``mu_dtype``: AdamW's first moment in that dtype (the step rebuilt around it)."""
+    ``mu_dtype``: AdamW's first moment in that dtype (the trainer's ``--adam_mu_dtype``)."""
+    if mu_dtype is not None:
+        kw["adam_mu_dtype"] = mu_dtype
     s, batch = _setup(spec, params, graphdef, method_config(spec, ftype, rate, lora_rank, **kw))
     st, step = s.state, s.train_step
-    if mu_dtype is not None:
-        from train.core import optim, steps
-        from train.core.config import OptimConfig, section
-
-        mcfg = method_config(spec, ftype, rate, lora_rank, **kw)
-        s.method.optimizer = optim.skip_nonfinite(_adamw_mu(section(mcfg, OptimConfig), mu_dtype))
-        st = dataclasses.replace(
-            st, opt_state=jax.eval_shape(s.method.optimizer.init, st.trainable)
-        )
-        step = steps.make_train_step(s.method, s.task, s.plan.accum)
     if ftype == "sift" and cfg is not None and cfg.scan_layers:
         assert s.method.plan.layer_views, "scanned SIFT step without per-layer views"
     dims = None
@@ -480,27 +472,6 @@ def measure(
         weights=tree_bytes(params),
         **mem,
     )
-
-
-def _adamw_mu(ocfg, mu_dtype: str) -> optax.GradientTransformation:
-    """The trainer's clip + AdamW (:func:`train.core.optim.adamw`) with ``mu_dtype``."""
-    from train.core.optim import decay_mask
-
-    parts = []
-    if ocfg.max_grad_norm and ocfg.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(ocfg.max_grad_norm))
-    parts.append(
-        optax.adamw(
-            ocfg.learning_rate,
-            b1=ocfg.adam_beta1,
-            b2=ocfg.adam_beta2,
-            eps=ocfg.adam_epsilon,
-            weight_decay=ocfg.weight_decay,
-            mask=decay_mask,
-            mu_dtype=jnp.dtype(mu_dtype),
-        )
-    )
-    return optax.chain(*parts)
 
 
 def measure_selection(spec, params, graphdef, rate, in_backward: bool):

@@ -146,6 +146,12 @@ class OptimConfig:
     adam_beta1: float = flag(0.9, "AdamW beta1.")
     adam_beta2: float = flag(0.999, "AdamW beta2.")
     adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
+    adam_mu_dtype: str = flag(
+        "float32",
+        "dtype of AdamW's first moment (optax mu_dtype): bfloat16 halves it (the second moment "
+        "stays float32).",
+        choices=["float32", "bfloat16"],
+    )
     max_grad_norm: float = flag(1.0, "Clip gradients to this global norm (0 disables).")
     num_train_epochs: float = flag(3.0, "Epochs (ignored when --max_steps > 0).")
     max_steps: int = flag(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")

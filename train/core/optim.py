@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sift_jax.paths import path_to_str
@@ -58,7 +59,8 @@ def adamw(
     mask=decay_mask,
     dense: Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformation:
-    """Clip + AdamW with HF's decay mask (or ``mask``), as configured by ``cfg``.
+    """Clip + AdamW with HF's decay mask (or ``mask``), as configured by ``cfg`` (its first
+    moment in ``cfg.adam_mu_dtype``).
 
     ``dense(path) -> bool`` names the trainable leaves trained densely beside sparse
     increments or adapters; with ``cfg.dense_learning_rate`` their updates are AdamW's at that
@@ -76,6 +78,9 @@ def adamw(
         >>> u, _ = tx.update({"head": jnp.ones(1), "w": jnp.ones(1)}, tx.init(p), p)
         >>> [round(float(u[k][0]), 4) for k in ("head", "w")]
         [-0.011, -0.0011]
+        >>> tx = adamw(OptimConfig(adam_mu_dtype="bfloat16"), 1e-3)
+        >>> [x.dtype.name for x in jax.tree.leaves(tx.init({"w": jnp.ones(2)}))[1:3]]
+        ['bfloat16', 'float32']
     """
     parts = []
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
@@ -88,6 +93,7 @@ def adamw(
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
             mask=mask,
+            mu_dtype=None if cfg.adam_mu_dtype == "float32" else jnp.dtype(cfg.adam_mu_dtype),
         )
     )
     if cfg.dense_learning_rate:
