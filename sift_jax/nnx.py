@@ -76,6 +76,14 @@ class SiftModel(nnx.Module):
     """
 
     def __init__(self, model: nnx.Module, k: Any, **plan: Any):
+        budget = plan.get("budget", "per_tensor")
+        if budget != "per_tensor":
+            raise ValueError(
+                f"SiftModel keeps each leaf's values and indices in fixed-size variables, so "
+                f"budget={budget!r} (sizes decided at selection) cannot resize them: compute "
+                f"the counts first, compact.budget_counts(grads, total, by='joint'|'mass'), "
+                f"and pass them as k (a {{path: count}} mapping)."
+            )
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         self.plan = Sift.create(params, k, **plan)
         trainable, state, _ = self.plan.split(params, copy=False)
@@ -150,7 +158,7 @@ class SiftModel(nnx.Module):
         ``update_on_selection``)."""
         graphdef, params, rest, trainable, state, frozen = self._parts()
         plan = self.plan
-        probing = plan.can_probe() and plan.budget == "per_tensor"
+        probing = plan.can_probe()
 
         def loss_of(args_tree, b, r):
             del r

@@ -228,7 +228,7 @@ class Sift:
             if r == masks.SPARSE
         }
         total = sum(per_tensor_k.values())
-        if budget == "global" and isinstance(k, int):
+        if budget != "per_tensor" and isinstance(k, int):
             total = int(k)
             sizes = {p: math.prod(x.shape) for p, (_, x) in zip(paths, flat, strict=True)}
             n_sparse = sum(sizes[p] for p in per_tensor_k)

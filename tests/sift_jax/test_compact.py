@@ -265,6 +265,10 @@ def test_mass_budget_shares_the_total_by_gradient_mass_then_takes_each_leafs_top
         np.testing.assert_array_equal(np.asarray(i), idx[path])
     with pytest.raises(ValueError, match="`by` must be 'joint' or 'mass'"):
         compact.budget_counts(sparse_g, total, by="norm")
+    for budget in ("global", "mass"):  # an int k is the shared total, not a per-leaf count
+        assert compact.Sift.create(PARAMS, 30, sparse=SPARSE, budget=budget).total == 30
+    with pytest.raises(ValueError, match="pass them as k"):  # fixed-size NNX variables
+        sift_jax.nnx.SiftModel(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 2, budget="mass")
 
 
 def test_state_dict_restores_a_run_after_reselection_and_the_delta_holds_every_change():

@@ -436,6 +436,14 @@ def test_progress_file_of_other_settings_is_refused(tok, tmp_path):
         p2 = str(tmp_path / "p2.json")
         evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=p2, progress_key={"model": "a"})
         evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=p2, progress_key={"model": "b"})
+    p3, key = str(tmp_path / "p3.json"), {"settings": ("a", 1)}  # a tuple reads back a list
+    for _ in range(2):
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=p3, progress_key=key)
+    with pytest.raises(ValueError, match="max_questions_per_subject must be >= 1"):
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, max_questions_per_subject=0)
+    Path(progress).write_text('{"key": {}, "subjects": {"world_geography": {}}}')
+    with pytest.raises(ValueError, match="not an MMLU progress file"):
+        evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=progress)
     Path(progress).write_text("{not json")
     with pytest.raises(ValueError, match="not an MMLU progress file.*delete it"):
         evaluate_mmlu(fake_model(tok, {}), tok, MMLU, progress_file=progress)

@@ -147,10 +147,11 @@ class OptimConfig:
     adam_beta2: float = flag(0.999, "AdamW beta2.")
     adam_epsilon: float = flag(1e-8, "AdamW epsilon.")
     adam_mu_dtype: str = flag(
-        "float32",
-        "dtype of AdamW's first moment (optax mu_dtype): bfloat16 halves it (the second moment "
-        "stays float32).",
-        choices=["float32", "bfloat16"],
+        "auto",
+        "dtype of AdamW's first moment (optax mu_dtype): auto = each trainable leaf's own (fp32 "
+        "for SIFT's increments and LoRA's adapters), bfloat16 halves it; the second moment "
+        "keeps the leaf's dtype.",
+        choices=["auto", "bfloat16", "float32"],
     )
     max_grad_norm: float = flag(1.0, "Clip gradients to this global norm (0 disables).")
     num_train_epochs: float = flag(3.0, "Epochs (ignored when --max_steps > 0).")

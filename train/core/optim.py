@@ -93,7 +93,7 @@ def adamw(
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
             mask=mask,
-            mu_dtype=None if cfg.adam_mu_dtype == "float32" else jnp.dtype(cfg.adam_mu_dtype),
+            mu_dtype=None if cfg.adam_mu_dtype == "auto" else jnp.dtype(cfg.adam_mu_dtype),
         )
     )
     if cfg.dense_learning_rate:

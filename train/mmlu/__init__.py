@@ -772,7 +772,14 @@ def load_progress(path: str, key: dict) -> dict[str, dict]:
         raise ValueError(
             f"{path} is not an MMLU progress file ({e}); delete it to start over."
         ) from e
-    if not isinstance(saved, dict) or not isinstance(saved.get("subjects"), dict):
+    fields = ("predictions", "fewer_shots", "truncated", "prompt_tokens", "max_prompt_tokens")
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("subjects"), dict)
+        or not all(
+            isinstance(r, dict) and all(f in r for f in fields) for r in saved["subjects"].values()
+        )
+    ):
         raise ValueError(f"{path} is not an MMLU progress file; delete it to start over.")
     _check_progress(path, saved, key)
     return saved["subjects"]
@@ -829,6 +836,10 @@ def evaluate_mmlu(
         {'college_chemistry': 0.25, 'world_geography': 0.5}
     """
     t0 = time.time()
+    if max_questions_per_subject is not None and max_questions_per_subject < 1:
+        raise ValueError(
+            f"max_questions_per_subject must be >= 1, got {max_questions_per_subject}."
+        )
     scorer = model if hasattr(model, "choice_logits") else FullLogits(model, batch_size)
     subjects = list(subjects) if subjects is not None else list_subjects(data_dir, split)
     if not subjects:
@@ -857,6 +868,7 @@ def evaluate_mmlu(
         "max_length": max_length,
         "max_questions_per_subject": max_questions_per_subject,
     }
+    key = json.loads(json.dumps(key))  # as it reads back from the file (tuples -> lists)
     done = load_progress(progress_file, key) if progress_file else {}
     for subject, rec in done.items():
         if subject in questions and len(rec["predictions"]) != len(questions[subject]):
@@ -902,8 +914,9 @@ def evaluate_mmlu(
             write_json_atomic(progress_file, {"key": key, "subjects": done})
             if verbose:
                 rate = scored_q / (time.time() - t0)
+                n_done = sum(s in done for s in subjects)
                 log.info(
-                    f"MMLU progress: {len(done)}/{len(subjects)} subjects, {scored_q}/{total_q} "
+                    f"MMLU progress: {n_done}/{len(subjects)} subjects, {scored_q}/{total_q} "
                     f"questions this run, {rate:.2f}/s, about "
                     f"{(total_q - scored_q) / max(rate, 1e-9) / 60:.0f} min left"
                 )
@@ -1010,6 +1023,15 @@ class MMLUConfig:
             raise ValueError("--mmlu_k_shot must be >= 0 and --max_length >= 1.")
 
 
+def _file_id(path: str | None) -> list | None:
+    """``[size, mtime_ns]`` of a local file (so a progress file is not reused after the
+    model or delta at the same path changed); ``None`` for a name that is not a file."""
+    if path and os.path.isfile(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """``python -m train.mmlu --mmlu_dir DIR [--mmlu_k_shot 5] [--delta D] [--output_file F]``.
 
@@ -1052,8 +1074,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     } | {"prefix_cache": not args.no_prefix_cache}
     scorer_name = "full_logits" if args.full_logits else "decoder"
     key = {
+        "mmlu_dir": os.path.abspath(args.mmlu_dir),
         "model": args.model_name_or_path,
+        "model_file": _file_id(args.model_name_or_path),
         "delta": args.delta,
+        "delta_file": _file_id(args.delta),
         "dtype": args.dtype,
         "scorer": scorer_name,
         "settings": settings,
