@@ -78,13 +78,19 @@ VARIANTS = {
     "lora-matched-head": {**LORA, "lora_rank": 3, "lora_exception": HEAD},
     # the dense head at a tenth of the increments' rate (sift-head trains both at 2e-3)
     "sift-head-lr": {**SIFT, "sparse_exception": HEAD, "dense_learning_rate": 2e-4},
+    "lora-matched-head-lr": {
+        **LORA,
+        "lora_rank": 3,
+        "lora_exception": HEAD,
+        "dense_learning_rate": 2e-4,
+    },
     # the paper's selection figure: gradient vs random choice of the same <= 1e4 entries
     # (rate 0.0028: 413 of each attention kernel, 2 of each bias, 9,960 in all)
     "sift-10k": {**SIFT, "sparse_rate": 0.0028},
     "random-10k": {**SIFT, "sparse_rate": 0.0028, "selection": "random"},
 }
 #: the methods each SIFT variant is compared with (:func:`_gap_table`)
-REFERENCES = ("lora-matched", "lora-matched-head", "full")
+REFERENCES = ("lora-matched", "lora-matched-head", "lora-matched-head-lr", "full")
 #: (gradient, random) selection at the same count, compared task by task in the report
 SELECTION_PAIRS = (("sift-10k", "random-10k"),)
 LR = {"sift": 2e-3, "lora": 2e-3, "full": 5e-5}
@@ -268,13 +274,24 @@ def _gap_table(s: dict, methods: list[str], tasks=TASKS) -> str:
     for m in [m for m in methods if m.startswith("sift")]:
         a = avg_by_seed(m)
         cells = [f"{np.mean(list(a.values())):.1f}" if a else "–"]
-        # a dense-head variant is matched by the LoRA with the same dense head
-        lora = "lora-matched-head" if "-head" in m else "lora-matched"
+        lora = matched_lora(m)
         for ref in (lora, "full"):
             b = avg_by_seed(ref)
             cells.append(_paired_cell([a[k] - b[k] for k in sorted(set(a) & set(b))]))
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def matched_lora(method: str) -> str:
+    """The LoRA row a SIFT variant is compared with: the one with the same dense head and head
+    learning rate (``sift-head-lr`` -> ``lora-matched-head-lr``), else ``lora-matched``.
+
+    Example:
+        >>> [matched_lora(m) for m in ("sift", "sift-head", "sift-head-lr", "sift-mass")]
+        ['lora-matched', 'lora-matched-head', 'lora-matched-head-lr', 'lora-matched']
+    """
+    twin = "lora-matched" + method[len("sift") :]
+    return twin if twin in {**METHODS, **VARIANTS} else "lora-matched"
 
 
 def _paired_cell(diffs) -> str:
