@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -607,7 +607,8 @@ def _resume(cfg, ckpt: Checkpointer, method: Method, state: TrainState, rng, mes
     except CheckpointError:
         raise
     meta = ckpt.read_meta(step)
-    _check_same_config(meta.get("config", {}), asdict(cfg), ckpt.directory / str(step))
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    _check_same_config(meta.get("config", {}), asdict(cfg), ckpt.directory / str(step), defaults)
     method.prepare_restore(meta.get("method", {}))
     trainable_t = method.trainable
     opt_t = jax.eval_shape(method.optimizer.init, trainable_t)
@@ -636,12 +637,22 @@ def _with_sharding_of(sds, like):
     return sds
 
 
-def _check_same_config(saved: dict, now: dict, where: Path) -> None:
+def _check_same_config(saved: dict, now: dict, where: Path, defaults: dict | None = None) -> None:
+    """Refuses a resume whose flags differ from the checkpoint's; a flag newer than the
+    checkpoint counts as its default there (the run was trained without it)."""
     diff = [
         f"--{k} {saved[k]!r} (checkpoint) vs {now[k]!r} (now)"
         for k in sorted(set(saved) & set(now))
         if k not in RESUMABLE_CHANGES and _jsonable(saved[k]) != _jsonable(now[k])
     ]
+    if saved:  # (an old checkpoint without a config at all is not checked)
+        diff += [
+            f"--{k} not in the checkpoint (its default {defaults[k]!r} then) vs {now[k]!r} (now)"
+            for k in sorted(set(now) - set(saved))
+            if k not in RESUMABLE_CHANGES
+            and k in (defaults or {})
+            and _jsonable(defaults[k]) != _jsonable(now[k])
+        ]
     if diff:
         raise CheckpointError(
             f"Cannot resume from {where}: the run was started with other flags: "

@@ -748,6 +748,21 @@ def test_a_config_change_on_resume_lists_the_flags(tmp_path, capsys):
     assert "Resume with the original flags (see train_config.json)" in err
 
 
+def test_a_flag_newer_than_the_checkpoint_counts_as_its_default_there(tmp_path):
+    """A checkpoint saved before a flag existed was trained with its default: resuming with
+    another value (e.g. --adam_mu_dtype bfloat16 on an fp32-moment checkpoint) is refused."""
+    from train.core.fit import CheckpointError, _check_same_config
+
+    saved = {"learning_rate": 0.1}
+    defaults = {"learning_rate": 7e-5, "adam_mu_dtype": "auto"}
+    _check_same_config(saved, {"learning_rate": 0.1, "adam_mu_dtype": "auto"}, tmp_path, defaults)
+    with pytest.raises(CheckpointError, match=r"--adam_mu_dtype not in the checkpoint \(its "
+                       r"default 'auto' then\) vs 'bfloat16' \(now\)"):  # fmt: skip
+        _check_same_config(
+            saved, {"learning_rate": 0.1, "adam_mu_dtype": "bfloat16"}, tmp_path, defaults
+        )
+
+
 # orbax leaves the coroutine of the failed read behind; collected (and ignored) here, not in
 # whichever test runs next
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
