@@ -62,6 +62,9 @@ def test_tiny_scanned_sift_step_attributes_every_argument(tmp_path):
     assert g["moments"] >= 2 * r["grad"]  # mu + nu (+ step counts)
     k = r["grad"] // 4
     assert g["sift_idx"] == 4 * k
+    # --adam_mu_dtype bfloat16 (the trainer's flag): the first moment of the k values halves
+    half = bm.measure(spec, params, graphdef, "sift", 0.05, cfg=cfg, mu_dtype="bfloat16")
+    assert r["opt"] - half["opt"] == 2 * k and half["grad"] == r["grad"]
 
 
 def test_bert_and_roberta_keep_grads_plus_optimizer_state_below_three_percent():
