@@ -73,6 +73,7 @@ import numpy as np
 from train.core import logs
 from train.core.config import flag as cfg_flag
 from train.core.config import parse_args
+from train.core.outputs import write_json_atomic
 
 log = logging.getLogger("train")
 
@@ -909,8 +910,6 @@ def evaluate_mmlu(
             i += n
         scored_q += len(encoded)
         if progress_file:
-            from train.core.outputs import write_json_atomic
-
             write_json_atomic(progress_file, {"key": key, "subjects": done})
             if verbose:
                 rate = scored_q / (time.time() - t0)
@@ -1118,8 +1117,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
     )
     if args.output_file:
-        from train.core.outputs import write_json_atomic
-
         write_json_atomic(args.output_file, out, sort_keys=False)
         if progress and os.path.exists(progress):
             os.remove(progress)
