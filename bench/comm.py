@@ -131,9 +131,10 @@ def _task(graphdef) -> Task:
     return Task(classifier_apply_fn(graphdef), loss_fn, 1, None)
 
 
-def compile_steps(model_cfg, mesh, ftype, scope, rate, batch, seq):
-    """``{"train": hlo_text, "select": hlo_text}`` for one method (``select`` only for SIFT),
-    compiled from the trainer's own setup (:func:`train.core.fit.setup`)."""
+def compile_steps(model_cfg, mesh, ftype, scope, rate, batch, seq, *, select=True):
+    """``({"train": hlo_text, "select": hlo_text}, n_sparse)`` for one method (``select`` only
+    for SIFT and with ``select``), compiled from the trainer's own setup
+    (:func:`train.core.fit.setup`)."""
     model = EncoderForSequenceClassification(model_cfg, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     graphdef, params = split_params(model)
@@ -166,7 +167,7 @@ def compile_steps(model_cfg, mesh, ftype, scope, rate, batch, seq):
         .as_text()
     }
     n_sparse = 0
-    if s.method.phase(0) != "train":
+    if select and s.method.phase(0) != "train":
         sel = s.phase_step("select").jitted
         out["select"] = (
             sel.lower(st.trainable, st.opt_state, st.buffers, s.frozen, {}, dev, key, 0, last=True)

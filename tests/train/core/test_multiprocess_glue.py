@@ -1,6 +1,6 @@
-"""Issue 18: ``train.glue`` as two real processes equals one process (a tiny random BERT on an
-STS-B-style regression set), also after both are SIGKILLed past a checkpoint and resumed; a
-refused output directory stops both with its reason. The machinery is in
+"""Issue 18: ``train.glue`` as two real processes, SIGKILLed past a checkpoint and resumed,
+equals one process (a tiny random BERT on an STS-B-style regression set); a refused output
+directory stops both with its reason. The machinery is in
 ``tests/train/core/multiprocess.py``.
 """
 
@@ -27,7 +27,6 @@ from tests.train.core.multiprocess import (
     launched,
     resume_latest,
     run_single,
-    run_two,
 )
 from train.core.checkpoint import CHECKSUMS
 from train.core.outputs import read_run_state
@@ -115,39 +114,28 @@ GLUE_METRICS = ("eval_pearson", "eval_spearmanr")
 
 
 @pytest.mark.slow
-def test_glue_two_processes_equal_one(glue_setup, glue_reference):
-    out = glue_setup[2] / "two"
+def test_glue_two_processes_killed_after_a_checkpoint_resume_to_the_same_result(
+    glue_setup, glue_reference
+):
+    """Two processes (a data-parallel mesh over them, identified by the ``JAX_*`` variables)
+    clear an older run's outputs, are SIGKILLed right after step 3's checkpoint, resume from
+    it (identified by the flags) and end equal to the single process. (One run covers both
+    "two equal one" and "killed, resumed": the fsdp mesh across processes and its sharded
+    checkpoints are the instruct test's.)"""
+    out = glue_setup[2] / "killed"
     # an older run's outputs there: process 0 clears them before any process writes
     (out / "checkpoints" / "99").mkdir(parents=True)
     (out / "checkpoints" / "99" / "stale").write_text("old")
     (out / "train_log.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
-    (out.parent / "two-logs").mkdir()
-    argv = glue_argv(glue_setup, out, 4, "data=2", "--overwrite_output_dir")
-    launch = run_two("train.glue", argv, out.parent / "two-logs")
-    assert_same_as(out, glue_reference, GLUE_METRICS)
-    assert not (out / "checkpoints" / "99").exists()
-    assert_primary_only_wrote(launch)
-
-
-@pytest.mark.slow
-def test_glue_two_processes_killed_after_a_checkpoint_resume_to_the_same_result(
-    glue_setup, glue_reference
-):
-    out = glue_setup[2] / "killed"
-    # fsdp across the processes: each writes its shards of every checkpoint (orbax's
-    # multi-process save) and restores them
-    argv = glue_argv(glue_setup, out, 4, "fsdp=2", "--save_steps", "1")
+    argv = glue_argv(glue_setup, out, 4, "data=2", "--save_steps", "1")
     logs = out.parent / "killed-logs"
-    kill_after_checkpoint("train.glue", argv, logs)
+    kill_after_checkpoint("train.glue", [*argv, "--overwrite_output_dir"], logs)
     assert read_run_state(out)["status"] == "running"
-    held = out / "checkpoints" / str(HOLD_AT)
-    assert (held / CHECKSUMS).is_file()
-    assert sorted(p.name for p in (held / "state").glob("ocdbt.process_*")) == [
-        "ocdbt.process_0",
-        "ocdbt.process_1",
-    ]
-    resume_latest("train.glue", argv, logs, via="flags")
+    assert not (out / "checkpoints" / "99").exists()
+    assert (out / "checkpoints" / str(HOLD_AT) / CHECKSUMS).is_file()
+    launch = resume_latest("train.glue", argv, logs, via="flags")
     assert_same_as(out, glue_reference, GLUE_METRICS)
+    assert_primary_only_wrote(launch)
 
 
 # ------------------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def test_train_step_traffic_is_the_models_own(tmp_path):
     cfg = EncoderConfig.tiny()
 
     def ops(ftype, scope):
-        hlo, _ = compile_steps(cfg, mesh, ftype, scope, 0.05, 8, 8)
+        hlo, _ = compile_steps(cfg, mesh, ftype, scope, 0.05, 8, 8, select=False)
         return collective_ops(hlo["train"])
 
     def moving(ops):  # everything but all-reduce

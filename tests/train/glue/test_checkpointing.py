@@ -22,9 +22,21 @@ def _run(tiny, out, *extra):
     return glue.run(parse_args(args(tiny, out, *extra), glue.GlueConfig))
 
 
-def test_gradient_checkpointing_scans_and_matches_the_unscanned_run(tiny_bert, tmp_path):  # noqa: F811
-    plain = _run(tiny_bert, tmp_path / "plain", "--max_steps", "5")
-    ckpt = _run(tiny_bert, tmp_path / "ckpt", "--max_steps", "5", "--gradient_checkpointing")
+# 6 steps, a checkpoint at step 3: the checkpointed run is also the resume test's reference
+FLAGS = ("--max_steps", "6", "--save_steps", "3")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert, tmp_path_factory):  # noqa: F811
+    """``(directory, unscanned run, scanned + rematerialised run)`` of the same recipe."""
+    root = tmp_path_factory.mktemp("glue_ckpt")
+    plain = _run(tiny_bert, root / "plain", *FLAGS)
+    ckpt = _run(tiny_bert, root / "ckpt", *FLAGS, "--gradient_checkpointing")
+    return root, plain, ckpt
+
+
+def test_gradient_checkpointing_scans_and_matches_the_unscanned_run(tiny_bert, runs):  # noqa: F811
+    tmp_path, plain, ckpt = runs
     # the checkpointed run really runs the scanned model with per-layer SIFT
     assert ckpt.method.layers_paths == ["encoder/layers"]
     assert ckpt.method.plan.layer_views
@@ -57,9 +69,9 @@ def test_gradient_checkpointing_scans_and_matches_the_unscanned_run(tiny_bert, t
     assert "scan_layers" not in cfg and "remat" not in cfg
 
 
-def test_gradient_checkpointing_resumes(tiny_bert, tmp_path, monkeypatch):  # noqa: F811
-    ga = ("--max_steps", "6", "--save_steps", "3", "--gradient_checkpointing")
-    full = _run(tiny_bert, tmp_path / "full", *ga)
+def test_gradient_checkpointing_resumes(tiny_bert, runs, tmp_path, monkeypatch):  # noqa: F811
+    ga = (*FLAGS, "--gradient_checkpointing")
+    full_dir, _, full = runs
     orig = glue_task.build_task
 
     def killing_build_task(cfg):
@@ -78,7 +90,7 @@ def test_gradient_checkpointing_resumes(tiny_bert, tmp_path, monkeypatch):  # no
         resumed.params,
         full.params,
     )
-    da = sift_jax.load_delta(tmp_path / "full" / "sift_delta.safetensors")
+    da = sift_jax.load_delta(full_dir / "ckpt" / "sift_delta.safetensors")
     db = sift_jax.load_delta(tmp_path / "k" / "sift_delta.safetensors")
     for p in da:
         np.testing.assert_array_equal(da[p].values, db[p].values)

