@@ -113,7 +113,8 @@ def flags(task: str, method: str, seed: int) -> dict:
     """
     spec = {**METHODS, **VARIANTS}[method]
     kind = spec["finetuning_type"]
-    out = dict(RECIPE, task_name=task, seed=seed, learning_rate=LR[kind], **spec)
+    # the method's own flags last: a variant may set its own learning rate
+    out = {**RECIPE, "task_name": task, "seed": seed, "learning_rate": LR[kind], **spec}
     if task == "sst2":
         out["max_train_samples"] = SST2_TRAIN
     return out

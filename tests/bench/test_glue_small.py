@@ -93,3 +93,11 @@ def test_gradient_vs_random_selection_is_compared_task_by_task(tmp_path):
     assert row == "| sift-10k − random-10k | – | – | – | +5.0 (1 seed) |"
     f = glue_small.flags("rte", "random-10k", 0)
     assert f["selection"] == "random" and f["sparse_rate"] == 0.0028
+
+
+def test_a_variant_may_set_its_own_learning_rate(monkeypatch):
+    spec = {**glue_small.SIFT, "learning_rate": 4e-3, "dense_learning_rate": 2e-4}
+    monkeypatch.setitem(glue_small.VARIANTS, "sift-lr4", spec)
+    f = glue_small.flags("cola", "sift-lr4", 0)
+    assert (f["learning_rate"], f["dense_learning_rate"]) == (4e-3, 2e-4)
+    assert glue_small.flags("cola", "sift", 0)["learning_rate"] == glue_small.LR["sift"]
