@@ -101,3 +101,20 @@ def test_a_variant_may_set_its_own_learning_rate(monkeypatch):
     f = glue_small.flags("cola", "sift-lr4", 0)
     assert (f["learning_rate"], f["dense_learning_rate"]) == (4e-3, 2e-4)
     assert glue_small.flags("cola", "sift", 0)["learning_rate"] == glue_small.LR["sift"]
+
+
+def test_a_variant_screened_on_one_task_is_listed_but_not_averaged_over(tmp_path):
+    recs = []
+    for task in glue_small.TASKS:
+        f1 = 0.8 if task == "mrpc" else None
+        recs += [record(task, "sift", 0, 0.70, f1), record(task, "lora-matched", 0, 0.66, f1)]
+        if task != "sst2":
+            recs.append(record(task, "sift-global", 0, 0.60, f1))
+    recs.append(record("cola", "sift-head-5e-3", 0, 0.0))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    lines = glue_small.report(path).splitlines()
+    # the common average is over the three tasks sift-global has, not shrunk to CoLA
+    assert lines[0].endswith("| avg | avg (COLA, MRPC, RTE) |")
+    row = next(ln for ln in lines if ln.startswith("| sift-head-5e-3 |"))
+    assert row.endswith("| 0.0 | – | – | – | – | – |")
