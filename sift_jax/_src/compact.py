@@ -863,9 +863,11 @@ def budget_counts(
         if r == masks.SPARSE
     }
     if by == "mass":
-        return mass_counts(
-            {p: v.sum() for p, v in named.items()}, total, {p: v.size for p, v in named.items()}
-        )
+        # summed in float32 like the plan's own selection (``Sift`` with ``budget="mass"``), so
+        # a remainder tie at a rounding boundary gives both paths the same counts
+        raw = {path_to_str(p): x for p, x in flat}
+        masses = {p: float(jnp.sum(jnp.abs(jnp.asarray(raw[p])), dtype=jnp.float32)) for p in named}
+        return mass_counts(masses, total, {p: v.size for p, v in named.items()})
     return {p: int(v.size) for p, v in joint_topk(named, total).items()}
 
 
