@@ -108,6 +108,15 @@ VARIANTS = {
         "dense_learning_rate": 2e-4,
         "selection_steps": 8,
     },
+    # the dense-head-lr pair's SIFT with the same number of entries spread over the
+    # feed-forward kernels too (rate 0.00267 of attention + FFN = 0.008 of attention alone)
+    "sift-head-lr-ffn": {
+        **SIFT,
+        "sparse_module": [ATTENTION, r"(intermediate|ffn_output)/"],
+        "sparse_rate": 0.00267,
+        "sparse_exception": HEAD,
+        "dense_learning_rate": 2e-4,
+    },
     # the paper's selection figure: gradient vs random choice of the same <= 1e4 entries
     # (rate 0.0028: 413 of each attention kernel, 2 of each bias, 9,960 in all)
     "sift-10k": {**SIFT, "sparse_rate": 0.0028},
@@ -122,7 +131,7 @@ REFERENCES = (
     "full",
 )
 #: SIFT variants whose change has no LoRA counterpart, compared with their base's twin
-TWINS = {"sift-head-lr-sel8": "lora-matched-head-lr"}
+TWINS = {"sift-head-lr-sel8": "lora-matched-head-lr", "sift-head-lr-ffn": "lora-matched-head-lr"}
 #: (gradient, random) selection at the same count, compared task by task in the report
 SELECTION_PAIRS = (("sift-10k", "random-10k"),)
 LR = {"sift": 2e-3, "lora": 2e-3, "full": 5e-5}
