@@ -863,8 +863,9 @@ def budget_counts(
         if r == masks.SPARSE
     }
     if by == "mass":
-        # summed in float32 like the plan's own selection (``Sift`` with ``budget="mass"``), so
-        # a remainder tie at a rounding boundary gives both paths the same counts
+        # summed in float32 like the plan's own selection (``Sift`` with ``budget="mass"``),
+        # not float64, so both paths round the masses alike (the reduction order may still
+        # differ under jit, by float32 rounding at most)
         raw = {path_to_str(p): x for p, x in flat}
         masses = {p: float(jnp.sum(jnp.abs(jnp.asarray(raw[p])), dtype=jnp.float32)) for p in named}
         return mass_counts(masses, total, {p: v.size for p, v in named.items()})
