@@ -21,6 +21,7 @@ from sift_jax._src.selection import (
     select_by_gradient,
     select_by_magnitude,
     select_random,
+    select_row_balanced,
     topk_indices,
     unregister,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "select_by_gradient",
     "select_by_magnitude",
     "select_random",
+    "select_row_balanced",
     "topk_indices",
     "unregister",
 ]

@@ -123,6 +123,16 @@ def _random_score(score, param, key):
     return jax.random.uniform(key, param.shape)
 
 
+def _row_balanced_score(score, param, key):
+    del param, key
+    if score.ndim < 2:
+        return score
+    rows = score.reshape(-1, score.shape[-1])
+    rms = jnp.sqrt(jnp.mean(jnp.square(rows), axis=-1, keepdims=True))
+    tiny = jnp.finfo(rows.dtype).tiny
+    return (rows / jnp.maximum(rms, tiny)).reshape(score.shape)
+
+
 def _from_score(score_fn: ScoreFn) -> SelectionFn:
     def select(score, param, k, key):
         return topk_indices(score_fn(score, param, key), k)
@@ -139,6 +149,28 @@ def select_by_gradient(score: jax.Array, param: Any, k: int, key: jax.Array) -> 
         [1, 3]
     """
     return topk_indices(_grad_score(score, param, key), k)
+
+
+def select_row_balanced(score: jax.Array, param: Any, k: int, key: jax.Array) -> jax.Array:
+    """Top-k of ``|g|`` divided by the RMS of ``|g|`` over its row (``"grad-row"``).
+
+    A kernel's rows are its input features (flax's ``[in, out]`` layout; every axis but the
+    last for higher ranks; 1-D leaves such as biases keep plain ``|g|``). ``|g_ij|`` scales
+    with the size of input feature ``i``, so in a pretrained transformer the paper's top-k
+    of ``|g|`` gathers in the few "outlier" input features: in the packaged MiniLM's value
+    kernels 5 of 384 rows hold 63-77% of the rate-0.008 selection. Dividing by the row's
+    RMS ranks each entry against its own row, so the same budget spreads over the rows
+    while each row still keeps its largest entries.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> g = jnp.array([[100.0, 90.0, 1.0], [1.0, 0.1, 0.2]])   # row 0 is an outlier feature
+        >>> select_by_gradient(g.ravel(), None, 2, jax.random.key(0)).tolist()
+        [0, 1]
+        >>> select_row_balanced(g, None, 2, jax.random.key(0)).tolist()
+        [0, 3]
+    """
+    return topk_indices(_row_balanced_score(score, param, key), k)
 
 
 def select_by_magnitude(score: Any, param: jax.Array, k: int, key: jax.Array) -> jax.Array:
@@ -252,6 +284,7 @@ def get(selection: str | SelectionFn | Strategy) -> Strategy:
 
 
 register("grad", select_by_gradient, score=_grad_score, needs_grad=True, in_backward=True)
+register("grad-row", select_row_balanced, score=_row_balanced_score, needs_grad=True)
 register("magnitude", select_by_magnitude, score=_magnitude_score, needs_grad=False)
 register("random", select_random, score=_random_score, needs_grad=False)
 
@@ -282,7 +315,7 @@ def run(strategy: Strategy, score: Any, param: jax.Array, k: int, key: jax.Array
     return check_indices(jnp.sort(idx), math.prod(ref.shape), strategy.name)
 
 
-_BUILTIN = frozenset(("grad", "magnitude", "random"))
+_BUILTIN = frozenset(("grad", "grad-row", "magnitude", "random"))
 
 
 def check_indices(idx: jax.Array, n: int, name: str = "selection") -> jax.Array:

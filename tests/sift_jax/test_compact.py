@@ -128,6 +128,7 @@ def test_grad_is_k_sized_training_lowers_the_loss_and_only_selected_weights_move
         {"selection_steps": 2},
         {"selection": "random", "seed": 3},
         {"selection": "magnitude"},
+        {"selection": "grad-row"},
         {"update_on_selection": True},
         {"reselect_every": 3},
         {"reselect_every": 3, "update_on_selection": True, "selection_steps": 2},

@@ -179,6 +179,30 @@ def test_random_and_magnitude_and_callable_selection():
         opt.update(g, opt.init(params))
 
 
+def test_row_balanced_selection_spreads_over_rows_and_keeps_each_rows_largest():
+    """grad-row: an outlier input row takes every plain top-k pick but only its share of
+    the row-balanced ones; within a row the largest |g| still wins; 1-D leaves keep |g|."""
+    g = jax.random.normal(jax.random.key(0), (8, 16)).at[0].multiply(100.0)
+    s = jnp.abs(g)
+    plain = np.asarray(sift_jax.selection.select_by_gradient(s, None, 16, jax.random.key(0)))
+    rowed = np.asarray(sift_jax.selection.select_row_balanced(s, None, 16, jax.random.key(0)))
+    assert np.all(plain // 16 == 0)
+    rows = rowed // 16
+    assert len(set(rows.tolist())) >= 6 and np.sum(rows == 0) <= 4
+    for r in set(rows.tolist()):
+        chosen = rowed[rows == r] % 16
+        np.testing.assert_array_equal(np.sort(chosen), np.sort(np.argsort(-s[r])[: len(chosen)]))
+    b = jnp.abs(jax.random.normal(jax.random.key(1), (16,)))
+    np.testing.assert_array_equal(
+        sift_jax.selection.select_row_balanced(b, None, 4, jax.random.key(0)),
+        sift_jax.selection.topk_indices(b, 4),
+    )
+    opt = sparse_increment(6, optax.sgd(1.0), selection="grad-row")
+    params = make_params()
+    idx = sift_jax.selected_indices(jax.jit(opt.update)(grads_at(0, params), opt.init(params))[1])
+    assert idx["encoder"]["ffn"]["kernel"].shape == (6,)
+
+
 # ---------------------------------------------------------------- training semantics
 
 

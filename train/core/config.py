@@ -212,8 +212,8 @@ class SiftConfig:
     )
     selection: str = flag(
         "grad",
-        "SIFT index selection: a registered strategy (sift_jax.selection): grad | random | "
-        "magnitude | ...",
+        "SIFT index selection: a registered strategy (sift_jax.selection): grad | grad-row | "
+        "random | magnitude | ...",
         choices=_strategies,
     )
     selection_steps: int = flag(1, "SIFT: batches whose |gradient| is summed to select indices.")
