@@ -99,6 +99,20 @@ VARIANTS = {
         "learning_rate": 5e-3,
         "dense_learning_rate": 2e-4,
     },
+    # ... and lowered to 1e-3 (head still at 2e-4)
+    "sift-head-1e-3": {
+        **SIFT,
+        "sparse_exception": HEAD,
+        "learning_rate": 1e-3,
+        "dense_learning_rate": 2e-4,
+    },
+    "lora-matched-head-1e-3": {
+        **LORA,
+        "lora_rank": 3,
+        "lora_exception": HEAD,
+        "learning_rate": 1e-3,
+        "dense_learning_rate": 2e-4,
+    },
     # the dense-head-lr pair's SIFT choosing its entries by |g| summed over 8 batches (the
     # paper: one) before training starts (compared with lora-matched-head-lr: LoRA has no
     # selection)
@@ -126,6 +140,15 @@ VARIANTS = {
         "dense_learning_rate": 2e-4,
         "selection": "grad-row",
     },
+    # the dense-head-lr pair's SIFT without AdamW's weight decay: SIFT's trainable values are
+    # the selected *weights*, so decay shrinks pretrained weights toward 0 at the entries of
+    # largest |g|, where LoRA's decay shrinks only its adapters (toward the pretrained W)
+    "sift-head-lr-wd0": {
+        **SIFT,
+        "sparse_exception": HEAD,
+        "dense_learning_rate": 2e-4,
+        "weight_decay": 0.0,
+    },
     # the paper's selection figure: gradient vs random choice of the same <= 1e4 entries
     # (rate 0.0028: 413 of each attention kernel, 2 of each bias, 9,960 in all)
     "sift-10k": {**SIFT, "sparse_rate": 0.0028},
@@ -137,6 +160,7 @@ REFERENCES = (
     "lora-matched-head",
     "lora-matched-head-lr",
     "lora-matched-head-5e-3",
+    "lora-matched-head-1e-3",
     "full",
 )
 #: SIFT variants whose change has no LoRA counterpart, compared with their base's twin
@@ -144,6 +168,7 @@ TWINS = {
     "sift-head-lr-sel8": "lora-matched-head-lr",
     "sift-head-lr-ffn": "lora-matched-head-lr",
     "sift-head-lr-row": "lora-matched-head-lr",
+    "sift-head-lr-wd0": "lora-matched-head-lr",
 }
 #: (gradient, random) selection at the same count, compared task by task in the report
 SELECTION_PAIRS = (("sift-10k", "random-10k"),)
