@@ -321,6 +321,7 @@ def report(results: Path = RESULTS) -> str:
     sel = _selection_table(s)
     if sel:
         lines += ["", sel]
+    lines += ["", _loss_table(s, methods)]
     walls = {m: sum(s[(t, m)]["wall_s"] for t in TASKS if (t, m) in s) for m in methods}
     total = sum(r["wall_s"] for r in recs)
     lines += [
@@ -389,6 +390,22 @@ def _paired_cell(diffs) -> str:
     if d.size > 1:
         return f"{d.mean():+.1f} ± {d.std(ddof=1):.1f}"
     return f"{d[0]:+.1f} (1 seed)" if d.size else "–"
+
+
+def _loss_table(s: dict, methods: list[str]) -> str:
+    """Per task, each method's training loss averaged over its run (the trainer's
+    ``train_loss``; mean over seeds): how well it fits, beside how well it scores."""
+    rows = [
+        "| mean train loss | " + " | ".join(t.upper() for t in TASKS) + " |",
+        "|---|" + "---|" * len(TASKS),
+    ]
+    for m in methods:
+        cells = []
+        for t in TASKS:
+            recs = s.get((t, m), {}).get("recs", [])
+            cells.append(f"{np.mean([r['train_loss'] for r in recs]):.4f}" if recs else "–")
+        rows.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _selection_table(s: dict) -> str:

@@ -7,7 +7,7 @@ import pytest
 from bench import glue_small
 
 
-def record(task, method, seed, score, f1=None, params=1000):
+def record(task, method, seed, score, f1=None, params=1000, loss=0.5):
     metrics = {"eval_" + glue_small.METRIC[task]: score}
     if f1 is not None:
         metrics["eval_f1"] = f1
@@ -18,7 +18,7 @@ def record(task, method, seed, score, f1=None, params=1000):
         "metrics": metrics,
         "trainable_params": params,
         "train_steps": 10,
-        "train_loss": 0.5,
+        "train_loss": loss,
         "wall_s": 60.0,
         "flags": {},
     }
@@ -43,6 +43,18 @@ def test_report_gives_mean_std_over_seeds_and_paired_gaps(tmp_path):
     # paired per seed: +2, +3, +4 -> mean +3.0, std 1.0; no full-FT runs -> no gap to full
     assert "+3.0 ± 1.0" in gap and gap.endswith("| – |")
     assert "Paper (RoBERTa-large" in table
+
+
+def test_report_gives_mean_train_loss_per_task(tmp_path):
+    recs = [record("cola", "sift", seed, 0.1, loss=loss) for seed, loss in ((0, 0.58), (1, 0.60))]
+    recs.append(record("rte", "full", 0, 0.5, loss=0.51))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    lines = glue_small.report(path).splitlines()
+    head = lines.index("| mean train loss | COLA | SST2 | MRPC | RTE |")
+    # mean over seeds (0.59) where the method ran the task, a dash where it did not
+    assert lines[head + 2] == "| sift | 0.5900 | – | – | – |"
+    assert lines[head + 3] == "| full | – | – | – | 0.5100 |"
 
 
 def test_done_runs_are_skipped(tmp_path, monkeypatch):
