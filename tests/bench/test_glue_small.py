@@ -96,6 +96,26 @@ def test_a_dense_head_variant_is_paired_with_the_lora_that_has_the_same_head(tmp
     assert f["sparse_exception"] == ["classifier", "pooler"] and f["sparse_rate"] == 0.008
 
 
+def test_a_variant_is_also_compared_with_the_best_matched_lora_row(tmp_path):
+    # the 6-epoch twin is worse for LoRA than LoRA's 3-epoch row: beating the twin alone is
+    # not beating LoRA, so the report pairs every variant with the best lora-matched* row too
+    recs = []
+    for seed, (s6, l6, l3) in enumerate([(0.70, 0.60, 0.72), (0.68, 0.62, 0.71)]):
+        for task in glue_small.TASKS:
+            f1 = 0.8 if task == "mrpc" else None
+            recs.append(record(task, "sift-head-lr-6ep", seed, s6, f1))
+            recs.append(record(task, "lora-matched-head-lr-6ep", seed, l6, f1))
+            recs.append(record(task, "lora-matched-head-lr", seed, l3, f1))
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    table = glue_small.report(path).splitlines()
+    head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
+    assert "vs the best matched LoRA, lora-matched-head-lr (paired)" in head
+    gap = next(ln for ln in table if ln.startswith("| sift-head-lr-6ep | 69.0 |"))
+    # vs its twin: +10, +6 -> +8.0 ± 2.8; vs the best row: -2, -3 -> -2.5 ± 0.7; no full runs
+    assert gap == "| sift-head-lr-6ep | 69.0 | +8.0 ± 2.8 | -2.5 ± 0.7 | – |"
+
+
 def test_gradient_vs_random_selection_is_compared_task_by_task(tmp_path):
     recs = [record("rte", "sift-10k", 0, 0.60), record("rte", "random-10k", 0, 0.55)]
     recs += [record("cola", "sift-10k", 0, 0.10)]  # no random run on CoLA: no cell
