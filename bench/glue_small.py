@@ -70,100 +70,48 @@ METHODS = {
 #: (RoBERTa's head is ``classifier.dense`` + ``out_proj``; BERT's is ``pooler`` + ``classifier``),
 #: LoRA given the same head so the pair stays matched
 HEAD = ["classifier", "pooler"]
+#: the dense head at a tenth of the increments' / adapters' rate (``*-head`` trains both at
+#: 2e-3): the base pair of the ``*-head-lr*`` and ``*-head-<rate>`` variants below
+SIFT_HEAD_LR = {**SIFT, "sparse_exception": HEAD, "dense_learning_rate": 2e-4}
+LORA_HEAD_LR = {**LORA, "lora_rank": 3, "lora_exception": HEAD, "dense_learning_rate": 2e-4}
 VARIANTS = {
     "sift-global": {**SIFT, "sift_budget": "global"},
     "sift-mass": {**SIFT, "sift_budget": "mass"},
     "sift-reselect": {**SIFT, "reselect_every": 100},
     "sift-head": {**SIFT, "sparse_exception": HEAD},
     "lora-matched-head": {**LORA, "lora_rank": 3, "lora_exception": HEAD},
-    # the dense head at a tenth of the increments' rate (sift-head trains both at 2e-3)
-    "sift-head-lr": {**SIFT, "sparse_exception": HEAD, "dense_learning_rate": 2e-4},
-    "lora-matched-head-lr": {
-        **LORA,
-        "lora_rank": 3,
-        "lora_exception": HEAD,
-        "dense_learning_rate": 2e-4,
-    },
+    "sift-head-lr": SIFT_HEAD_LR,
+    "lora-matched-head-lr": LORA_HEAD_LR,
     # the same pair with the increments' / adapters' rate raised to 5e-3 (head still at 2e-4):
     # sparse entries are few, so each may need to move further than a dense weight
-    "sift-head-5e-3": {
-        **SIFT,
-        "sparse_exception": HEAD,
-        "learning_rate": 5e-3,
-        "dense_learning_rate": 2e-4,
-    },
-    "lora-matched-head-5e-3": {
-        **LORA,
-        "lora_rank": 3,
-        "lora_exception": HEAD,
-        "learning_rate": 5e-3,
-        "dense_learning_rate": 2e-4,
-    },
+    "sift-head-5e-3": {**SIFT_HEAD_LR, "learning_rate": 5e-3},
+    "lora-matched-head-5e-3": {**LORA_HEAD_LR, "learning_rate": 5e-3},
     # ... and lowered to 1e-3 (head still at 2e-4)
-    "sift-head-1e-3": {
-        **SIFT,
-        "sparse_exception": HEAD,
-        "learning_rate": 1e-3,
-        "dense_learning_rate": 2e-4,
-    },
-    "lora-matched-head-1e-3": {
-        **LORA,
-        "lora_rank": 3,
-        "lora_exception": HEAD,
-        "learning_rate": 1e-3,
-        "dense_learning_rate": 2e-4,
-    },
+    "sift-head-1e-3": {**SIFT_HEAD_LR, "learning_rate": 1e-3},
+    "lora-matched-head-1e-3": {**LORA_HEAD_LR, "learning_rate": 1e-3},
     # the dense-head-lr pair's SIFT choosing its entries by |g| summed over 8 batches (the
     # paper: one) before training starts (compared with lora-matched-head-lr: LoRA has no
     # selection)
-    "sift-head-lr-sel8": {
-        **SIFT,
-        "sparse_exception": HEAD,
-        "dense_learning_rate": 2e-4,
-        "selection_steps": 8,
-    },
+    "sift-head-lr-sel8": {**SIFT_HEAD_LR, "selection_steps": 8},
     # the dense-head-lr pair's SIFT with the same number of entries spread over the
     # feed-forward kernels too (rate 0.00267 of attention + FFN = 0.008 of attention alone)
     "sift-head-lr-ffn": {
-        **SIFT,
+        **SIFT_HEAD_LR,
         "sparse_module": [ATTENTION, r"(intermediate|ffn_output)/"],
         "sparse_rate": 0.00267,
-        "sparse_exception": HEAD,
-        "dense_learning_rate": 2e-4,
     },
     # the dense-head-lr pair's SIFT choosing by |g| relative to its input row's RMS
     # ("grad-row"): plain top-|g| spends most of a kernel's budget on a few outlier input
     # features (5 of 384 rows hold 49-77% of a value kernel's picks in the packaged MiniLM)
-    "sift-head-lr-row": {
-        **SIFT,
-        "sparse_exception": HEAD,
-        "dense_learning_rate": 2e-4,
-        "selection": "grad-row",
-    },
+    "sift-head-lr-row": {**SIFT_HEAD_LR, "selection": "grad-row"},
     # the dense-head-lr pair's SIFT without AdamW's weight decay: SIFT's trainable values are
     # the selected *weights*, so decay shrinks pretrained weights toward 0 at the entries of
     # largest |g|, where LoRA's decay shrinks only its adapters (toward the pretrained W)
-    "sift-head-lr-wd0": {
-        **SIFT,
-        "sparse_exception": HEAD,
-        "dense_learning_rate": 2e-4,
-        "weight_decay": 0.0,
-    },
+    "sift-head-lr-wd0": {**SIFT_HEAD_LR, "weight_decay": 0.0},
     # the dense-head-lr pair trained twice as long (6 epochs): every small method underfits
     # CoLA and SIFT's training loss stays above its LoRA twin's; does SIFT catch up with steps?
-    "sift-head-lr-6ep": {
-        **SIFT,
-        "sparse_exception": HEAD,
-        "dense_learning_rate": 2e-4,
-        "num_train_epochs": 6.0,
-    },
-    "lora-matched-head-lr-6ep": {
-        **LORA,
-        "lora_rank": 3,
-        "lora_exception": HEAD,
-        "dense_learning_rate": 2e-4,
-        "num_train_epochs": 6.0,
-    },
+    "sift-head-lr-6ep": {**SIFT_HEAD_LR, "num_train_epochs": 6.0},
+    "lora-matched-head-lr-6ep": {**LORA_HEAD_LR, "num_train_epochs": 6.0},
     # the paper's selection figure: gradient vs random choice of the same <= 1e4 entries
     # (rate 0.0028: 413 of each attention kernel, 2 of each bias, 9,960 in all)
     "sift-10k": {**SIFT, "sparse_rate": 0.0028},
