@@ -318,22 +318,21 @@ def _gap_table(s: dict, methods: list[str], tasks=TASKS) -> str:
                 per.setdefault(r["seed"], []).append(100 * r["metrics"]["eval_" + METRIC[t]])
         return {k: float(np.mean(v)) for k, v in per.items() if len(v) == len(tasks)}
 
+    by_seed = {m: avg_by_seed(m) for m in methods}
     # the best LoRA row at ~SIFT's parameter count (its mean over seeds): a SIFT variant that
     # beats only a twin whose recipe hurts LoRA has not beaten LoRA
-    loras = {m: avg_by_seed(m) for m in methods if m.startswith("lora-matched")}
-    loras = {m: a for m, a in loras.items() if a}
-    best = max(loras, key=lambda m: np.mean(list(loras[m].values()))) if loras else None
+    loras = [m for m in methods if m.startswith("lora-matched") and by_seed[m]]
+    best = max(loras, key=lambda m: np.mean(list(by_seed[m].values()))) if loras else None
     rows = [
         f"| SIFT variant | {_avg_name(tasks)} | vs matched LoRA (paired) | "
         f"vs the best matched LoRA, {best or '–'} (paired) | vs full (paired) |",
         "|---|---|---|---|---|",
     ]
     for m in [m for m in methods if m.startswith("sift")]:
-        a = avg_by_seed(m)
+        a = by_seed[m]
         cells = [f"{np.mean(list(a.values())):.1f}" if a else "–"]
-        lora = matched_lora(m)
-        for ref in (lora, best, "full"):
-            b = avg_by_seed(ref)
+        for ref in (matched_lora(m), best, "full"):
+            b = by_seed.get(ref, {})
             cells.append(_paired_cell([a[k] - b[k] for k in sorted(set(a) & set(b))]))
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
