@@ -122,7 +122,8 @@ def test_the_best_matched_lora_row_is_ranked_on_the_seeds_all_rows_share(tmp_pat
     recs = []
     for task in glue_small.TASKS:
         f1 = 0.8 if task == "mrpc" else None
-        recs += [record(task, "lora-matched", 0, 0.70, f1), record(task, "lora-matched", 1, 0.60, f1)]
+        recs += [record(task, "lora-matched", 0, 0.70, f1)]
+        recs += [record(task, "lora-matched", 1, 0.60, f1)]
         recs += [record(task, "lora-matched-head", 0, 0.66, f1)]
         recs += [record(task, "sift", 0, 0.72, f1), record(task, "sift", 1, 0.62, f1)]
     path = tmp_path / "runs.jsonl"
