@@ -124,7 +124,7 @@ VARIANTS = {
         "learning_rate": 1e-3,
         "num_train_epochs": 10.0,
     },
-    "full-6ep": {"finetuning_type": "full", "num_train_epochs": 6.0},
+    "full-6ep": {**METHODS["full"], "num_train_epochs": 6.0},
     # LoRA's 6 epochs at its best CoLA adapter rate (1e-3, lora-matched-head-1e-3): at 2e-3 its
     # 6-epoch CoLA run collapses, so SIFT's 6 epochs also meet LoRA's best 6-epoch recipe
     "lora-matched-head-1e-3-6ep": {**LORA_HEAD_LR, "learning_rate": 1e-3, "num_train_epochs": 6.0},

@@ -24,17 +24,26 @@ def record(task, method, seed, score, f1=None, params=1000, loss=0.5):
     }
 
 
+def four_tasks(method, seed, score, **kw):
+    """One record per GLUE task at the same score (MRPC also with an F1 of 0.8)."""
+    return [
+        record(t, method, seed, score, 0.8 if t == "mrpc" else None, **kw) for t in glue_small.TASKS
+    ]
+
+
+def report_of(tmp_path, recs):
+    """The report of ``recs`` written as a runs file."""
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return glue_small.report(path)
+
+
 def test_report_gives_mean_std_over_seeds_and_paired_gaps(tmp_path):
     recs = []
     for seed, (s, lo) in enumerate([(0.70, 0.68), (0.72, 0.69), (0.74, 0.70)]):
-        for task in glue_small.TASKS:
-            f1 = 0.8 if task == "mrpc" else None
-            recs.append(record(task, "sift", seed, s, f1, params=29186))
-            recs.append(record(task, "lora-matched", seed, lo, f1, params=28418))
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-
-    table = glue_small.report(path)
+        recs += four_tasks("sift", seed, s, params=29186)
+        recs += four_tasks("lora-matched", seed, lo, params=28418)
+    table = report_of(tmp_path, recs)
     sift_row = next(ln for ln in table.splitlines() if ln.startswith("| sift |"))
     # mean 72.0, sample std 2.0 on every task; average 72.0; MRPC also shows F1
     assert sift_row.count("72.0 ± 2.0") == 4 and "(F1 80.0)" in sift_row
@@ -48,9 +57,7 @@ def test_report_gives_mean_std_over_seeds_and_paired_gaps(tmp_path):
 def test_report_gives_mean_train_loss_per_task(tmp_path):
     recs = [record("cola", "sift", seed, 0.1, loss=loss) for seed, loss in ((0, 0.58), (1, 0.60))]
     recs.append(record("rte", "full", 0, 0.5, loss=0.51))
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    lines = glue_small.report(path).splitlines()
+    lines = report_of(tmp_path, recs).splitlines()
     head = lines.index("| mean train loss | COLA | SST2 | MRPC | RTE |")
     # mean over seeds (0.59) where the method ran the task, a dash where it did not
     assert lines[head + 2] == "| sift | 0.5900 | – | – | – |"
@@ -81,15 +88,9 @@ def test_a_run_without_its_metric_is_an_error_not_a_record(monkeypatch):
 
 
 def test_a_dense_head_variant_is_paired_with_the_lora_that_has_the_same_head(tmp_path):
-    recs = []
-    for task in glue_small.TASKS:
-        f1 = 0.8 if task == "mrpc" else None
-        recs.append(record(task, "sift-head", 0, 0.70, f1))
-        recs.append(record(task, "lora-matched-head", 0, 0.66, f1))
-        recs.append(record(task, "lora-matched", 0, 0.50, f1))
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    table = glue_small.report(path).splitlines()
+    recs = four_tasks("sift-head", 0, 0.70) + four_tasks("lora-matched-head", 0, 0.66)
+    recs += four_tasks("lora-matched", 0, 0.50)
+    table = report_of(tmp_path, recs).splitlines()
     gap = next(ln for ln in table if ln.startswith("| sift-head | 70.0 |"))
     assert "+4.0 (1 seed)" in gap  # against lora-matched-head, not lora-matched (+20)
     f = glue_small.flags("rte", "sift-head", 0)
@@ -101,14 +102,10 @@ def test_a_variant_is_also_compared_with_the_best_matched_lora_row(tmp_path):
     # not beating LoRA, so the report pairs every variant with the best lora-matched* row too
     recs = []
     for seed, (s6, l6, l3) in enumerate([(0.70, 0.60, 0.72), (0.68, 0.62, 0.71)]):
-        for task in glue_small.TASKS:
-            f1 = 0.8 if task == "mrpc" else None
-            recs.append(record(task, "sift-head-lr-6ep", seed, s6, f1))
-            recs.append(record(task, "lora-matched-head-lr-6ep", seed, l6, f1))
-            recs.append(record(task, "lora-matched-head-lr", seed, l3, f1))
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    table = glue_small.report(path).splitlines()
+        recs += four_tasks("sift-head-lr-6ep", seed, s6)
+        recs += four_tasks("lora-matched-head-lr-6ep", seed, l6)
+        recs += four_tasks("lora-matched-head-lr", seed, l3)
+    table = report_of(tmp_path, recs).splitlines()
     head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
     assert "vs the best matched LoRA on seeds 0, 1, lora-matched-head-lr (paired)" in head
     gap = next(ln for ln in table if ln.startswith("| sift-head-lr-6ep | 69.0 |"))
@@ -119,16 +116,10 @@ def test_a_variant_is_also_compared_with_the_best_matched_lora_row(tmp_path):
 def test_the_best_matched_lora_row_is_ranked_on_the_seeds_all_rows_share(tmp_path):
     # lora-matched-head has only a lucky seed 0 (66) and would win on its own mean (66 vs 65);
     # on seed 0, which both rows have, lora-matched is ahead (70 vs 66), so it is the reference
-    recs = []
-    for task in glue_small.TASKS:
-        f1 = 0.8 if task == "mrpc" else None
-        recs += [record(task, "lora-matched", 0, 0.70, f1)]
-        recs += [record(task, "lora-matched", 1, 0.60, f1)]
-        recs += [record(task, "lora-matched-head", 0, 0.66, f1)]
-        recs += [record(task, "sift", 0, 0.72, f1), record(task, "sift", 1, 0.62, f1)]
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    table = glue_small.report(path).splitlines()
+    recs = four_tasks("lora-matched", 0, 0.70) + four_tasks("lora-matched", 1, 0.60)
+    recs += four_tasks("lora-matched-head", 0, 0.66)
+    recs += four_tasks("sift", 0, 0.72) + four_tasks("sift", 1, 0.62)
+    table = report_of(tmp_path, recs).splitlines()
     head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
     assert "vs the best matched LoRA on seed 0, lora-matched (paired)" in head
     gap = next(ln for ln in table if ln.startswith("| sift | 67.0 |"))
@@ -138,9 +129,7 @@ def test_the_best_matched_lora_row_is_ranked_on_the_seeds_all_rows_share(tmp_pat
 def test_gradient_vs_random_selection_is_compared_task_by_task(tmp_path):
     recs = [record("rte", "sift-10k", 0, 0.60), record("rte", "random-10k", 0, 0.55)]
     recs += [record("cola", "sift-10k", 0, 0.10)]  # no random run on CoLA: no cell
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    row = next(ln for ln in glue_small.report(path).splitlines() if "sift-10k − random" in ln)
+    row = next(ln for ln in report_of(tmp_path, recs).splitlines() if "sift-10k − random" in ln)
     assert row == "| sift-10k − random-10k | – | – | – | +5.0 (1 seed) |"
     f = glue_small.flags("rte", "random-10k", 0)
     assert f["selection"] == "random" and f["sparse_rate"] == 0.0028
@@ -155,16 +144,10 @@ def test_a_variant_may_set_its_own_learning_rate(monkeypatch):
 
 
 def test_a_variant_screened_on_one_task_is_listed_but_not_averaged_over(tmp_path):
-    recs = []
-    for task in glue_small.TASKS:
-        f1 = 0.8 if task == "mrpc" else None
-        recs += [record(task, "sift", 0, 0.70, f1), record(task, "lora-matched", 0, 0.66, f1)]
-        if task != "sst2":
-            recs.append(record(task, "sift-global", 0, 0.60, f1))
+    recs = four_tasks("sift", 0, 0.70) + four_tasks("lora-matched", 0, 0.66)
+    recs += [r for r in four_tasks("sift-global", 0, 0.60) if r["task"] != "sst2"]
     recs.append(record("cola", "sift-head-5e-3", 0, 0.0))
-    path = tmp_path / "runs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    lines = glue_small.report(path).splitlines()
+    lines = report_of(tmp_path, recs).splitlines()
     # the common average is over the three tasks sift-global has, not shrunk to CoLA
     assert lines[0].endswith("| avg | avg (COLA, MRPC, RTE) |")
     row = next(ln for ln in lines if ln.startswith("| sift-head-5e-3 |"))
