@@ -18,7 +18,13 @@ PathStr = str
 
 
 def key_to_str(key: Any) -> str:
-    """Writes one pytree key plainly: ``DictKey('a')`` -> ``'a'``, ``SequenceKey(3)`` -> ``'3'``."""
+    """Writes one pytree key plainly: ``DictKey('a')`` -> ``'a'``, ``SequenceKey(3)`` -> ``'3'``.
+
+    Example:
+        >>> from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+        >>> [key_to_str(k) for k in (DictKey("query"), SequenceKey(3), GetAttrKey("kernel"))]
+        ['query', '3', 'kernel']
+    """
     if isinstance(key, DictKey):
         return str(key.key)
     if isinstance(key, SequenceKey):
