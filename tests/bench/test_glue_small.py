@@ -110,7 +110,7 @@ def test_a_variant_is_also_compared_with_the_best_matched_lora_row(tmp_path):
     assert "vs the best matched LoRA on seeds 0, 1, lora-matched-head-lr (paired)" in head
     gap = next(ln for ln in table if ln.startswith("| sift-head-lr-6ep | 69.0 |"))
     # vs its twin: +10, +6 -> +8.0 ± 2.8; vs the best row: -2, -3 -> -2.5 ± 0.7; no full runs
-    assert gap == "| sift-head-lr-6ep | 69.0 | +8.0 ± 2.8 | -2.5 ± 0.7 | – |"
+    assert gap == "| sift-head-lr-6ep | 69.0 | +8.0 ± 2.8 | -2.5 ± 0.7 | – | – |"
 
 
 def test_the_best_matched_lora_row_is_ranked_on_the_seeds_all_rows_share(tmp_path):
@@ -123,7 +123,22 @@ def test_the_best_matched_lora_row_is_ranked_on_the_seeds_all_rows_share(tmp_pat
     head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
     assert "vs the best matched LoRA on seed 0, lora-matched (paired)" in head
     gap = next(ln for ln in table if ln.startswith("| sift | 67.0 |"))
-    assert gap == "| sift | 67.0 | +2.0 ± 0.0 | +2.0 ± 0.0 | – |"
+    assert gap == "| sift | 67.0 | +2.0 ± 0.0 | +2.0 ± 0.0 | – | – |"
+
+
+def test_a_variant_is_also_compared_with_the_best_full_row(tmp_path):
+    # full fine-tuning gains from more epochs too: beating its 3-epoch row alone is not being
+    # within reach of full fine-tuning, so the report pairs every variant with the best full*
+    # row, ranked on the seed both full rows have (seed 0: full-6ep 66 > full 62)
+    recs = four_tasks("full", 0, 0.62) + four_tasks("full", 1, 0.70)
+    recs += four_tasks("full-6ep", 0, 0.66)
+    recs += four_tasks("sift", 0, 0.65) + four_tasks("sift", 1, 0.69)
+    table = report_of(tmp_path, recs).splitlines()
+    head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
+    assert head.endswith("| vs full (paired) | vs the best full on seed 0, full-6ep (paired) |")
+    gap = next(ln for ln in table if ln.startswith("| sift | 67.0 |"))
+    # vs full: +3, -1 -> +1.0 ± 2.8; vs full-6ep: seed 0 only, -1
+    assert gap == "| sift | 67.0 | – | – | +1.0 ± 2.8 | -1.0 (1 seed) |"
 
 
 def test_gradient_vs_random_selection_is_compared_task_by_task(tmp_path):
