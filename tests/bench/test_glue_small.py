@@ -38,6 +38,13 @@ def report_of(tmp_path, recs):
     return glue_small.report(path)
 
 
+def gap_head_and_row(tmp_path, recs, row):
+    """The 4-task gap table's header and its row that starts with ``row``."""
+    table = report_of(tmp_path, recs).splitlines()
+    head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
+    return head, next(ln for ln in table if ln.startswith(row))
+
+
 def test_report_gives_mean_std_over_seeds_and_paired_gaps(tmp_path):
     recs = []
     for seed, (s, lo) in enumerate([(0.70, 0.68), (0.72, 0.69), (0.74, 0.70)]):
@@ -105,10 +112,8 @@ def test_a_variant_is_also_compared_with_the_best_matched_lora_row(tmp_path):
         recs += four_tasks("sift-head-lr-6ep", seed, s6)
         recs += four_tasks("lora-matched-head-lr-6ep", seed, l6)
         recs += four_tasks("lora-matched-head-lr", seed, l3)
-    table = report_of(tmp_path, recs).splitlines()
-    head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
+    head, gap = gap_head_and_row(tmp_path, recs, "| sift-head-lr-6ep | 69.0 |")
     assert "vs the best matched LoRA on seeds 0, 1, lora-matched-head-lr (paired)" in head
-    gap = next(ln for ln in table if ln.startswith("| sift-head-lr-6ep | 69.0 |"))
     # vs its twin: +10, +6 -> +8.0 ± 2.8; vs the best row: -2, -3 -> -2.5 ± 0.7; no full runs
     assert gap == "| sift-head-lr-6ep | 69.0 | +8.0 ± 2.8 | -2.5 ± 0.7 | – | – |"
 
@@ -119,10 +124,8 @@ def test_the_best_matched_lora_row_is_ranked_on_the_seeds_all_rows_share(tmp_pat
     recs = four_tasks("lora-matched", 0, 0.70) + four_tasks("lora-matched", 1, 0.60)
     recs += four_tasks("lora-matched-head", 0, 0.66)
     recs += four_tasks("sift", 0, 0.72) + four_tasks("sift", 1, 0.62)
-    table = report_of(tmp_path, recs).splitlines()
-    head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
+    head, gap = gap_head_and_row(tmp_path, recs, "| sift | 67.0 |")
     assert "vs the best matched LoRA on seed 0, lora-matched (paired)" in head
-    gap = next(ln for ln in table if ln.startswith("| sift | 67.0 |"))
     assert gap == "| sift | 67.0 | +2.0 ± 0.0 | +2.0 ± 0.0 | – | – |"
 
 
@@ -133,10 +136,8 @@ def test_a_variant_is_also_compared_with_the_best_full_row(tmp_path):
     recs = four_tasks("full", 0, 0.62) + four_tasks("full", 1, 0.70)
     recs += four_tasks("full-6ep", 0, 0.66)
     recs += four_tasks("sift", 0, 0.65) + four_tasks("sift", 1, 0.69)
-    table = report_of(tmp_path, recs).splitlines()
-    head = next(ln for ln in table if ln.startswith("| SIFT variant | avg |"))
+    head, gap = gap_head_and_row(tmp_path, recs, "| sift | 67.0 |")
     assert head.endswith("| vs full (paired) | vs the best full on seed 0, full-6ep (paired) |")
-    gap = next(ln for ln in table if ln.startswith("| sift | 67.0 |"))
     # vs full: +3, -1 -> +1.0 ± 2.8; vs full-6ep: seed 0 only, -1
     assert gap == "| sift | 67.0 | – | – | +1.0 ± 2.8 | -1.0 (1 seed) |"
 
