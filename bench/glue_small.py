@@ -15,10 +15,11 @@ the official dev set, warmup 6%, weight decay 0.1 (the paper's), learning rates 
 :data:`LR`.
 
 Every finished run appends one JSON line to ``docs/glue/runs.jsonl`` (resumable: recorded runs
-are skipped); ``report`` regenerates ``docs/glue.md``'s tables from it::
+are skipped); ``report`` regenerates ``docs/glue.md``'s tables from it (``--write`` puts them
+between the doc's :data:`BEGIN` / :data:`END` markers, ``--check`` fails while they are stale)::
 
     python -m bench.glue_small run --glue_dir ../shared/data/glue --seeds 0 1 2
-    python -m bench.glue_small report > docs/glue_tables.md
+    python -m bench.glue_small report --write docs/glue.md
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path("docs/glue/runs.jsonl")
+#: the markers in ``docs/glue.md`` between which ``report --write`` puts the tables
+BEGIN = "<!-- bench.glue_small report: begin (generated; edit runs.jsonl, not this) -->"
+END = "<!-- bench.glue_small report: end -->"
 TASKS = ("cola", "sst2", "mrpc", "rte")
 #: the metric each task is scored by (the first one; MRPC also reports F1)
 METRIC = {"cola": "matthews_correlation", "sst2": "accuracy", "mrpc": "accuracy", "rte": "accuracy"}
@@ -318,6 +322,45 @@ def report(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def splice(doc: str, tables: str) -> str:
+    """``doc`` with the text between its :data:`BEGIN` and :data:`END` lines replaced by ``tables``.
+
+    Everything outside the markers (the prose) is kept byte for byte.
+
+    >>> doc = f"intro\\n{BEGIN}\\nold\\n{END}\\noutro\\n"
+    >>> out = splice(doc, "new").splitlines()
+    >>> out[2], out[3] == END, out[4]
+    ('new', True, 'outro')
+    """
+    lines = doc.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.rstrip("\n") == BEGIN]
+    ends = [i for i, ln in enumerate(lines) if ln.rstrip("\n") == END]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(
+            f"the document needs exactly one {BEGIN!r} line followed by one {END!r} line "
+            f"(found {len(starts)} and {len(ends)}); add them around the generated tables"
+        )
+    body = tables if tables.endswith("\n") else tables + "\n"
+    return "".join(lines[: starts[0] + 1]) + body + "".join(lines[ends[0] :])
+
+
+def write_report(doc: Path, results: Path = RESULTS, check: bool = False) -> bool:
+    """Splice :func:`report` into ``doc``; with ``check``, only say whether it is current.
+
+    Returns True when ``doc`` already held the current tables. The write goes through a
+    temporary file beside ``doc`` and a rename, so an interrupted write never leaves a
+    half-written document.
+    """
+    old = doc.read_text(encoding="utf-8")
+    new = splice(old, report(results))
+    if new == old or check:
+        return new == old
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(doc)
+    return False
+
+
 def _avg_name(tasks) -> str:
     """``avg`` over all four tasks, else ``avg (COLA, RTE)``."""
     if len(tasks) == len(TASKS):
@@ -456,11 +499,25 @@ def main(argv=None) -> None:
     r.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     r.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    sub.add_parser("report")
+    rp = sub.add_parser("report")
+    mode = rp.add_mutually_exclusive_group()
+    mode.add_argument("--write", type=Path, metavar="DOC", help="splice the tables into DOC")
+    mode.add_argument(
+        "--check", type=Path, metavar="DOC", help="exit 1 if DOC's tables are not current"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.cmd == "run":
         run(args.tasks, args.methods, args.seeds, args.glue_dir)
+    elif args.write or args.check:
+        doc = args.write or args.check
+        current = write_report(doc, check=bool(args.check))
+        if args.check and not current:
+            raise SystemExit(
+                f"{doc}: its tables are not those of {RESULTS}; "
+                f"regenerate them with python -m bench.glue_small report --write {doc}"
+            )
+        print(f"{doc}: " + ("tables current" if current else "tables regenerated"))
     else:
         print(report())
     print(f"wall time: {time.perf_counter() - t0:.1f} s" if args.cmd == "run" else "", end="")

@@ -168,3 +168,47 @@ def test_a_variant_screened_on_one_task_is_listed_but_not_averaged_over(tmp_path
     assert lines[0].endswith("| avg | avg (COLA, MRPC, RTE) |")
     row = next(ln for ln in lines if ln.startswith("| sift-head-5e-3 |"))
     assert row.endswith("| 0.0 | – | – | – | – | – |")
+
+
+REPO = glue_small.__file__.rsplit("/bench/", 1)[0]
+
+
+def test_docs_glue_tables_are_those_of_the_recorded_runs():
+    # docs/glue.md's tables must be what `report` makes of docs/glue/runs.jsonl: a run recorded
+    # without regenerating the doc (or a hand edit of a table) fails here
+    from pathlib import Path
+
+    doc = Path(REPO) / "docs" / "glue.md"
+    assert glue_small.write_report(doc, Path(REPO) / glue_small.RESULTS, check=True), (
+        "docs/glue.md is stale: python -m bench.glue_small report --write docs/glue.md"
+    )
+
+
+def test_report_write_splices_between_markers_and_check_detects_staleness(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in four_tasks("sift", 0, 0.7)))
+    doc = tmp_path / "glue.md"
+    prose = "# title\n\nprose before\n"
+    doc.write_text(f"{prose}{glue_small.BEGIN}\nold table\n{glue_small.END}\nprose after\n")
+    assert not glue_small.write_report(doc, runs, check=True)  # stale: check says so ...
+    assert "old table" in doc.read_text()  # ... and writes nothing
+    assert not glue_small.write_report(doc, runs)  # regenerated
+    text = doc.read_text()
+    assert text.startswith(prose) and text.endswith(f"{glue_small.END}\nprose after\n")
+    assert glue_small.report(runs) in text and "old table" not in text
+    assert glue_small.write_report(doc, runs, check=True)  # now current
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed into place
+    # one more run recorded: the doc is stale again
+    with runs.open("a") as f:
+        f.write(json.dumps(record("rte", "full", 0, 0.6)) + "\n")
+    assert not glue_small.write_report(doc, runs, check=True)
+
+
+def test_report_write_refuses_a_doc_without_markers(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in four_tasks("sift", 0, 0.7)))
+    doc = tmp_path / "glue.md"
+    doc.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="exactly one"):
+        glue_small.write_report(doc, runs)
+    assert doc.read_text() == "no markers here\n"  # untouched
