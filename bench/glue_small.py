@@ -350,6 +350,17 @@ def write_report(doc: Path, results: Path = RESULTS, check: bool = False) -> boo
     Returns True when ``doc`` already held the current tables. The write goes through a
     temporary file beside ``doc`` and a rename, so an interrupted write never leaves a
     half-written document.
+
+    >>> import json, pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> rec = {"task": "rte", "method": "sift", "seed": 0, "metrics": {"eval_accuracy": 0.55},
+    ...        "trainable_params": 29186, "train_steps": 234, "train_loss": 0.69, "wall_s": 60.0}
+    >>> _ = (d / "runs.jsonl").write_text(json.dumps(rec) + "\\n")
+    >>> _ = (d / "glue.md").write_text(f"# GLUE\\n{BEGIN}\\n{END}\\n")
+    >>> write_report(d / "glue.md", d / "runs.jsonl"), write_report(d / "glue.md", d / "runs.jsonl")
+    (False, True)
+    >>> "| sift | 29,186 |" in (d / "glue.md").read_text()
+    True
     """
     old = doc.read_text(encoding="utf-8")
     new = splice(old, report(results))
