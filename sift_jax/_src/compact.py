@@ -629,11 +629,9 @@ class Sift:
         ``trainable`` (new shapes allowed); dense leaves' moments and step counts carry on."""
         fresh = jax.jit(optimizer.init)(trainable)
         sparse = {leaf.key_path for leaf in self.leaves if leaf.role == masks.SPARSE}
-
-        def pick(path, f, o):
-            return f if transform_lib._belongs(path, sparse) else o
-
-        return jax.tree_util.tree_map_with_path(pick, fresh, opt_state)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(trainable)
+        flags = [tuple(path) in sparse for path, _ in flat]
+        return transform_lib.fresh_sparse_state(fresh, opt_state, treedef, flags)
 
     # ------------------------------------------------------------------ train step
 

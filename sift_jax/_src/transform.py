@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -128,17 +128,47 @@ def check_arguments(selection_steps, seed, state_dtype) -> Any:
     return state_dtype
 
 
-def _fresh_sparse_state(fresh: Any, old: Any, sparse_paths: set) -> Any:
-    """``old`` with every leaf that belongs to a sparse leaf taken from ``fresh``."""
+def fresh_sparse_state(fresh: Any, old: Any, treedef: Any, sparse: Sequence[bool]) -> Any:
+    """``old`` (an optimizer state) with its sparse leaves' entries taken from ``fresh``.
 
-    def pick(path, f, o):
-        return f if _belongs(path, sparse_paths) else o
+    ``treedef`` is the structure of the tree the optimizer was initialised on and ``sparse``
+    flags its leaves in flattening order. Every subtree of the state shaped like that tree
+    (``optax.MaskedNode`` counting as a leaf: ``mu``, ``nu``, a momentum trace ...) is matched
+    by *position*, so a dense leaf whose path ends like a sparse leaf's keeps its moments, and
+    everything else (step counts, schedules' state) carries on. For a tree that is one bare
+    array, the state's arrays of rank >= 1 are its copies (counts are scalars).
 
-    return jax.tree_util.tree_map_with_path(pick, fresh, old)
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> params = {"kernel": jnp.ones(2), "head": {"kernel": jnp.ones(2)}}
+        >>> tx = optax.sgd(1.0, momentum=0.9)
+        >>> old = jax.tree.map(lambda x: x + 5, tx.init(params))
+        >>> td = jax.tree.structure(params)  # leaves: head/kernel, kernel
+        >>> new = fresh_sparse_state(tx.init(params), old, td, [False, True])
+        >>> new[0].trace["kernel"].tolist(), new[0].trace["head"]["kernel"].tolist()
+        ([0.0, 0.0], [5.0, 5.0])
+    """
+    sparse = list(sparse)
+    if len(sparse) != treedef.num_leaves:
+        raise ValueError(f"`sparse` has {len(sparse)} flags for {treedef.num_leaves} leaves.")
+    is_masked = lambda v: isinstance(v, MaskedNode)
+    single = treedef == jax.tree.structure(0)
 
+    def params_like(x) -> bool:
+        if single:
+            return getattr(x, "ndim", 0) >= 1
+        return not is_masked(x) and jax.tree.structure(x, is_leaf=is_masked) == treedef
 
-def _belongs(path: tuple, sparse_paths: set) -> bool:
-    return any(tuple(path[-len(p) :]) == p for p in sparse_paths if len(p) <= len(path))
+    def pick(o, f):
+        if not params_like(o):
+            return o
+        if single:
+            return f if sparse[0] else o
+        ol, fl = treedef.flatten_up_to(o), treedef.flatten_up_to(f)
+        picked = [fi if s else oi for oi, fi, s in zip(ol, fl, sparse, strict=True)]
+        return treedef.unflatten(picked)
+
+    return jax.tree.map(pick, old, fresh, is_leaf=params_like)
 
 
 def sparse_increment(
@@ -366,11 +396,11 @@ def sparse_increment(
         inner_state = state.inner_state
         if sched.reselect_every and sparse_ids:
             reselecting = selects & (count > sched.select_step)
-            sparse_paths = _sparse_key_paths(updates, sparse_ids)
+            flags = [i in set(sparse_ids) for i in range(len(grads))]
             fresh = inner_tx.init(_inner_tree_like(state, treedef, grads, idx_out, masking, sdt))
             inner_state = jax.lax.cond(
                 reselecting,
-                lambda s: _fresh_sparse_state(fresh, s, sparse_paths),
+                lambda s: fresh_sparse_state(fresh, s, treedef, flags),
                 lambda s: s,
                 inner_state,
             )
@@ -431,11 +461,6 @@ def _zeros_like(leaf: Any, dtype: Any) -> jax.Array:
     if sharding is not None:
         return jnp.zeros(leaf.shape, dtype, device=sharding)
     return jnp.zeros(leaf.shape, dtype)
-
-
-def _sparse_key_paths(tree: Any, sparse_ids: list[int]) -> set:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {tuple(flat[i][0]) for i in sparse_ids}
 
 
 def _inner_tree_like(state, treedef, grads, idx_out, masking, sdt):

@@ -493,3 +493,23 @@ def test_stacked_touched_positions_are_gathered_and_restored_per_slice():
     np.testing.assert_array_equal(np.asarray(out).ravel(), want)
     assert compact.PerSlice((40, 5120, 13824), 1).global_dtype == np.int64
     assert sc.global_dtype == np.int32
+
+
+def test_refresh_opt_state_matches_leaves_by_position_not_by_path_suffix():
+    # the dense `head/kernel` ends like the sparse `kernel`: only the sparse leaf restarts
+    params = {"kernel": jnp.ones((4, 4)), "head": {"kernel": jnp.ones(3)}}
+    sift = compact.Sift.create(params, 3, sparse="^kernel", dense="head")
+    trainable, _, _ = sift.split(params)
+    tx = optax.sgd(1.0, momentum=0.9)
+    old = jax.tree.map(lambda x: x + 5.0, tx.init(trainable))
+    new = sift.refresh_opt_state(tx, old, trainable)
+    assert new[0].trace["kernel"].tolist() == [0.0] * 3
+    assert new[0].trace["head"]["kernel"].tolist() == [5.0] * 3
+    # a bare array: its trace restarts, the scalar step count (adam's) carries on
+    bare = jnp.ones(8)
+    s1 = compact.Sift.create(bare, 3)
+    t1, _, _ = s1.split(bare)
+    adam = optax.adam(0.1)
+    old1 = jax.tree.map(lambda x: x + 5, adam.init(t1))
+    new1 = s1.refresh_opt_state(adam, old1, t1)
+    assert new1[0].mu.tolist() == [0.0] * 3 and int(new1[0].count) == 5

@@ -512,3 +512,45 @@ def test_every_targeted_tensor_trains():
     for path, u in sift_jax.paths.leaves_with_paths(updates):
         if path != "step":
             assert np.count_nonzero(np.asarray(u)) > 0, path
+
+
+def _momentum_updates(params, grads, reselect_every):
+    tx = sparse_increment(2, optax.sgd(1.0, momentum=0.9), reselect_every=reselect_every)
+    st = tx.init(params)
+    out = []
+    for g in grads:
+        u, st = tx.update(g, st, params)
+        out.append(u)
+    return out
+
+
+def test_reselection_restarts_the_moments_of_a_bare_array_param():
+    # params passed as one array: a re-selection must still start the new entries' momentum
+    # afresh (the old trace would otherwise move entries that got no gradient)
+    grads = [jnp.array(g, jnp.float32) for g in
+             ([0, 0, 0, 0, 5, 6], [0, 0, 0, 0, 1, 1], [7, 8, 0, 0, 0, 0], [0] * 6)]
+    bare = _momentum_updates(jnp.zeros(6), grads, 2)
+    boxed = _momentum_updates({"w": jnp.zeros(6)}, [{"w": g} for g in grads], 2)
+    for b, d in zip(bare, boxed, strict=True):
+        np.testing.assert_allclose(b, d["w"])
+    assert np.all(np.asarray(bare[-1]) == 0)  # no gradient since the re-selection: no step
+
+
+def test_reselection_keeps_the_moments_of_a_dense_leaf_named_like_a_sparse_one():
+    # `head/kernel` ends like the sparse leaf `kernel`; it is dense and must keep its momentum
+    params = {"kernel": jnp.zeros(6), "head": {"kernel": jnp.zeros(3)}}
+    g = {"kernel": jnp.arange(6.0), "head": {"kernel": jnp.ones(3)}}
+
+    def head_updates(reselect_every):
+        tx = sparse_increment(
+            2, optax.sgd(1.0, momentum=0.9), sparse="^kernel", dense="head",
+            reselect_every=reselect_every,
+        )
+        st, out = tx.init(params), []
+        for _ in range(3):
+            u, st = tx.update(g, st, params)
+            out.append(float(u["head"]["kernel"][0]))
+        return out
+
+    np.testing.assert_allclose(head_updates(2), head_updates(0))  # -1, -1.9, -2.71
+    np.testing.assert_allclose(head_updates(0)[-1], -2.71, rtol=1e-6)
