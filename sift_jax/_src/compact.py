@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -223,12 +224,12 @@ class Sift:
                 f"increments). Leaf paths look like {paths[:6]}."
             )
         per_tensor_k = {
-            p: transform_lib.leaf_k(k, p, tuple(x.shape))
+            p: transform_lib.leaf_k(k, p, tuple(x.shape), x.dtype)
             for p, (_, x), r in zip(paths, flat, roles, strict=True)
             if r == masks.SPARSE
         }
         total = sum(per_tensor_k.values())
-        if budget != "per_tensor" and isinstance(k, int):
+        if budget != "per_tensor" and isinstance(k, numbers.Integral):
             total = int(k)
             sizes = {p: math.prod(x.shape) for p, (_, x) in zip(paths, flat, strict=True)}
             n_sparse = sum(sizes[p] for p in per_tensor_k)
@@ -243,7 +244,8 @@ class Sift:
                 if st:
                     if len(shape) < 2:
                         raise ValueError(f"stacked leaf {p!r} needs a leading layer dimension.")
-                    sc = indexing.PerSlice(shape, transform_lib.leaf_k(k, p, shape[1:]), lead=1)
+                    kk = transform_lib.leaf_k(k, p, shape[1:], x.dtype)
+                    sc = indexing.PerSlice(shape, kk, lead=1)
                     if scope == "shard":
                         raise ValueError("scope='shard' does not support stacked leaves.")
                 elif scope == "shard":
@@ -309,7 +311,7 @@ class Sift:
         """An ``(path, value) -> bool`` filter: true for what trains (dense leaves; the
         :mod:`sift_jax.nnx` values are matched by type). ``path`` is a key tuple or string."""
         del value
-        p = path if isinstance(path, str) else "/".join(str(getattr(k, "key", k)) for k in path)
+        p = path if isinstance(path, str) else path_to_str(tuple(path))
         return self.roles.get(p) == masks.DENSE
 
     def _flat(self, tree: Any) -> list:

@@ -79,8 +79,9 @@ def validate_k(k: Any) -> None:
     )
 
 
-def leaf_k(k: KSpec, path: str, shape: tuple[int, ...]) -> int:
-    """The number of entries a sparse leaf of ``shape`` at ``path`` trains under budget ``k``.
+def leaf_k(k: KSpec, path: str, shape: tuple[int, ...], dtype: Any = jnp.float32) -> int:
+    """The number of entries a sparse leaf of ``shape`` (and ``dtype``) at ``path`` trains
+    under budget ``k`` (a callable ``k`` is given ``(path, ShapeDtypeStruct(shape, dtype))``).
 
     Example:
         >>> leaf_k(0.01, "w", (100, 100)), leaf_k(5, "w", (2,)), leaf_k({"w": 3}, "w", (9,))
@@ -92,7 +93,7 @@ def leaf_k(k: KSpec, path: str, shape: tuple[int, ...]) -> int:
             raise KeyError(f"`k` mapping has no count for the sparse leaf {path!r}.")
         value = k[path]
     elif callable(k):
-        value = k(path, jax.ShapeDtypeStruct(shape, jnp.float32))
+        value = k(path, jax.ShapeDtypeStruct(shape, dtype))
     else:
         value = None
     if value is not None:
@@ -259,7 +260,8 @@ def sparse_increment(
         reselect_every: re-select every this many updates after the first selection (0: never).
         seed: seed for random selection.
         state_dtype: dtype of the tree given to ``inner`` (so of its moments; complex leaves
-            get the complex dtype of that precision); ``None`` keeps the params' dtype.
+            get the complex dtype of that precision); ``None`` keeps the params' dtype (pass
+            ``params`` to ``update`` then: without them the gradients' dtype is all it has).
         mode: ``"compact"`` or ``"masking"`` (see above).
 
     Returns:
@@ -307,7 +309,7 @@ def sparse_increment(
         indices, score, inner_tree = [], [], []
         for (path, leaf), role in zip(flat, roles, strict=True):
             if role == masks.SPARSE:
-                kk = leaf_k(k, path_to_str(path), tuple(leaf.shape))
+                kk = leaf_k(k, path_to_str(path), tuple(leaf.shape), leaf.dtype)
                 indices.append(jnp.arange(kk, dtype=jnp.int32))
                 score.append(_zeros_like(leaf, jnp.float32) if keep_score else MaskedNode())
                 inner_tree.append(
@@ -342,11 +344,15 @@ def sparse_increment(
         idx_in = treedef.flatten_up_to(state.indices)
         score_in = treedef.flatten_up_to(state.score)
         p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
+        # the state's dtype per leaf, as init chose it: from the params when given (bf16 params
+        # with fp32 gradients keep a bf16 state under state_dtype=None)
+        dts = [sdt((g if p is None else p).dtype) for g, p in zip(grads, p_leaves, strict=True)]
         sparse_ids = [i for i, x in enumerate(idx_in) if not _is_marker(x)]
         if not strategy.needs_grad and params is None and sparse_ids:
-            if strategy.name == "magnitude":
+            if strategy.name != "random":  # a gradient-free score ranks the params themselves
                 raise ValueError(
-                    "selection='magnitude' needs params: call update(grads, state, params)."
+                    f"selection={strategy.name!r} needs params (it scores the weights, not the "
+                    "gradients): call update(grads, state, params)."
                 )
         for i in sparse_ids:
             n = math.prod(grads[i].shape)
@@ -397,7 +403,7 @@ def sparse_increment(
         if sched.reselect_every and sparse_ids:
             reselecting = selects & (count > sched.select_step)
             flags = [i in set(sparse_ids) for i in range(len(grads))]
-            fresh = inner_tx.init(_inner_tree_like(state, treedef, grads, idx_out, masking, sdt))
+            fresh = inner_tx.init(_inner_tree_like(treedef, grads, idx_out, masking, dts))
             inner_state = jax.lax.cond(
                 reselecting,
                 lambda s: fresh_sparse_state(fresh, s, treedef, flags),
@@ -413,7 +419,7 @@ def sparse_increment(
                 g_c.append(MaskedNode())
                 p_c.append(MaskedNode())
                 continue
-            dt = sdt(g.dtype)
+            dt = dts[i]
             if isinstance(idx, DenseLeaf):
                 g_c.append(g.astype(dt))
                 p_c.append(None if p is None else p.astype(dt))
@@ -463,7 +469,7 @@ def _zeros_like(leaf: Any, dtype: Any) -> jax.Array:
     return jnp.zeros(leaf.shape, dtype)
 
 
-def _inner_tree_like(state, treedef, grads, idx_out, masking, sdt):
+def _inner_tree_like(treedef, grads, idx_out, masking, dts):
     """The tree ``inner`` was initialised on (zeros), rebuilt for a fresh-state init."""
     out = []
     for i, g in enumerate(grads):
@@ -471,9 +477,9 @@ def _inner_tree_like(state, treedef, grads, idx_out, masking, sdt):
         if isinstance(idx, MaskedNode):
             out.append(MaskedNode())
         elif isinstance(idx, DenseLeaf) or masking:
-            out.append(jnp.zeros_like(g, sdt(g.dtype)))
+            out.append(jnp.zeros_like(g, dts[i]))
         else:
-            out.append(jnp.zeros(idx.shape, sdt(g.dtype)))
+            out.append(jnp.zeros(idx.shape, dts[i]))
     return jax.tree.unflatten(treedef, out)
 
 

@@ -513,3 +513,21 @@ def test_refresh_opt_state_matches_leaves_by_position_not_by_path_suffix():
     old1 = jax.tree.map(lambda x: x + 5, adam.init(t1))
     new1 = s1.refresh_opt_state(adam, old1, t1)
     assert new1[0].mu.tolist() == [0.0] * 3 and int(new1[0].count) == 5
+
+
+def test_global_budget_takes_a_numpy_integer_k_as_the_total():
+    params = {"a": jnp.ones((10, 10)), "b": jnp.ones((10, 10))}
+    for budget in ("global", "mass"):
+        py = compact.Sift.create(params, 10, budget=budget).num_trainable
+        np_k = compact.Sift.create(params, np.int64(10), budget=budget).num_trainable
+        assert py == np_k == 10
+
+
+def test_wrt_accepts_jax_key_paths_with_sequence_keys():
+    from jax.tree_util import DictKey, SequenceKey
+
+    params = {"layers": [{"w": jnp.ones((4, 4)), "b": jnp.ones(4)}]}
+    sift = compact.Sift.create(params, 2, sparse="w", dense="b")
+    key_path = (DictKey("layers"), SequenceKey(0), DictKey("b"))
+    assert sift.wrt(key_path) and sift.wrt(("layers", 0, "b")) and sift.wrt("layers/0/b")
+    assert not sift.wrt((DictKey("layers"), SequenceKey(0), DictKey("w")))  # sparse, not dense

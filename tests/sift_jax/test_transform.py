@@ -554,3 +554,43 @@ def test_reselection_keeps_the_moments_of_a_dense_leaf_named_like_a_sparse_one()
 
     np.testing.assert_allclose(head_updates(2), head_updates(0))  # -1, -1.9, -2.71
     np.testing.assert_allclose(head_updates(0)[-1], -2.71, rtol=1e-6)
+
+
+def test_state_dtype_none_keeps_the_params_dtype_with_fp32_gradients():
+    # bf16 params, fp32 gradients, state_dtype=None: the state stays bf16 step after step, so
+    # it can be a lax.scan carry (and a re-selection's lax.cond has equal branch types)
+    params = {"w": jnp.ones((4, 4), jnp.bfloat16)}
+    grads = {"w": jnp.arange(16.0, dtype=jnp.float32).reshape(4, 4)}
+    for reselect_every in (0, 2):
+        tx = sparse_increment(3, optax.adam(0.1), state_dtype=None, reselect_every=reselect_every)
+        st0 = tx.init(params)
+
+        def body(st, _):
+            return tx.update(grads, st, params)[1], None
+
+        st, _ = jax.lax.scan(body, st0, None, length=3)
+        dtypes = lambda s: [x.dtype for x in jax.tree.leaves(s.inner_state)]
+        assert dtypes(st) == dtypes(st0) and jnp.bfloat16 in dtypes(st)
+
+
+def test_a_gradient_free_strategy_without_params_is_an_error_not_a_ranking_of_gradients():
+    from sift_jax import selection
+
+    name = "test-largest-weight"
+    selection.register(name, score=lambda g, p, key: jnp.abs(p), needs_grad=False, overwrite=True)
+    params, g = {"w": jnp.array([9.0, 0, 0, 0])}, {"w": jnp.array([0.0, 0, 0, 5])}
+    opt = sparse_increment(1, optax.sgd(1.0), selection=name)
+    _, st = opt.update(g, opt.init(params), params)
+    assert sift_jax.selected_indices(st)["w"].tolist() == [0]  # ranked by |w|
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update(g, opt.init(params))  # would have ranked |g| and picked 3
+    rnd = sparse_increment(1, optax.sgd(1.0), selection="random")
+    rnd.update(g, rnd.init(params))  # random needs no params
+    selection.unregister(name)
+
+
+def test_a_callable_k_sees_the_leaf_dtype():
+    params = {"a": jnp.ones(8, jnp.bfloat16), "b": jnp.ones(8)}
+    k = lambda path, leaf: 1 if leaf.dtype == jnp.bfloat16 else 4
+    st = sparse_increment(k, optax.sgd(1.0)).init(params)
+    assert {p: v.shape[0] for p, v in st.indices.items()} == {"a": 1, "b": 4}
