@@ -163,8 +163,6 @@ def fresh_sparse_state(fresh: Any, old: Any, treedef: Any, sparse: Sequence[bool
     def pick(o, f):
         if not params_like(o):
             return o
-        if single:
-            return f if sparse[0] else o
         ol, fl = treedef.flatten_up_to(o), treedef.flatten_up_to(f)
         picked = [fi if s else oi for oi, fi, s in zip(ol, fl, sparse, strict=True)]
         return treedef.unflatten(picked)
@@ -402,7 +400,8 @@ def sparse_increment(
         inner_state = state.inner_state
         if sched.reselect_every and sparse_ids:
             reselecting = selects & (count > sched.select_step)
-            flags = [i in set(sparse_ids) for i in range(len(grads))]
+            ids = set(sparse_ids)
+            flags = [i in ids for i in range(len(grads))]
             fresh = inner_tx.init(_inner_tree_like(treedef, grads, idx_out, masking, dts))
             inner_state = jax.lax.cond(
                 reselecting,

@@ -1,6 +1,7 @@
 """bench.glue_small: the recorded runs make the tables (mean ± std, paired gaps), resumably."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -170,16 +171,14 @@ def test_a_variant_screened_on_one_task_is_listed_but_not_averaged_over(tmp_path
     assert row.endswith("| 0.0 | – | – | – | – | – |")
 
 
-REPO = glue_small.__file__.rsplit("/bench/", 1)[0]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_docs_glue_tables_are_those_of_the_recorded_runs():
     # docs/glue.md's tables must be what `report` makes of docs/glue/runs.jsonl: a run recorded
     # without regenerating the doc (or a hand edit of a table) fails here
-    from pathlib import Path
-
-    doc = Path(REPO) / "docs" / "glue.md"
-    assert glue_small.write_report(doc, Path(REPO) / glue_small.RESULTS, check=True), (
+    doc = REPO / "docs" / "glue.md"
+    assert glue_small.write_report(doc, REPO / glue_small.RESULTS, check=True), (
         "docs/glue.md is stale: python -m bench.glue_small report --write docs/glue.md"
     )
 
